@@ -1,0 +1,509 @@
+"""Configuration: a typed schema, YAML + ``key=value`` overrides, one validation pass.
+
+Key names follow RadioDiff's configs where RadioDiff has the key (``trainer.lr``,
+``trainer.train_num_steps``, ``data.batch_size``, ``model.scale_factor`` ...), so a
+RadioDiff user reads a config at a glance. Pluggable parts use the LDM
+``target:`` / ``params:`` convention.
+
+Validation never stops at the first problem: every unknown key, wrong type and
+impossible value is collected and raised as one :class:`ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import importlib
+import math
+import re
+import typing as tp
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from radiodiff_resume.errors import ConfigError
+
+MIXED_PRECISIONS = ("no", "fp16", "bf16")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+LDM_LOSSES = ("l2", "l1")
+RECON_LOSSES = ("charbonnier", "l1")
+
+
+@dataclass
+class PluginConfig:
+    """A class named by dotted path and the keyword arguments to build it with."""
+
+    target: str = MISSING
+    """Dotted import path, e.g. ``diffusers.UNet2DModel`` or ``mypkg.nets.MyUNet``."""
+    params: dict[str, tp.Any] = field(default_factory=dict)
+    """Keyword arguments; the builder adds the shape arguments it derives itself."""
+
+
+@dataclass
+class LoopConfig:
+    """Settings of one training loop (shared by the first stage and the LDM)."""
+
+    train_num_steps: int = 1000
+    """Optimizer steps to train for (RadioDiff: ``trainer.train_num_steps``)."""
+    gradient_accumulate_every: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    min_lr: float = 5e-6
+    """Learning rate at the end of the cosine decay."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps before the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float | None = 1.0
+    """Clip gradients to this total norm; null disables clipping."""
+    save_and_sample_every: int = 1000
+    """Validate and write a sample grid every this many steps."""
+    log_freq: int = 100
+    """Log the mean training loss every this many steps."""
+    use_ema: bool = True
+    """Keep an exponential moving average of the trainable weights."""
+    ema_decay: float = 0.999
+    """EMA decay."""
+    ema_update_after_step: int = 0
+    """Start updating the EMA after this many steps."""
+    ema_update_every: int = 1
+    """Update the EMA every this many steps."""
+    val_batches: int = 2
+    """Validation batches per process at each validation (0 disables validation)."""
+    num_sample_images: int = 4
+    """Rows in each PNG sample grid."""
+
+
+@dataclass
+class TrainerConfig(LoopConfig):
+    """The LDM loop plus run-wide settings."""
+
+    results_folder: str = "./results/radiodiff"
+    """Where config, metrics, samples and weights go."""
+    mixed_precision: str = "no"
+    """``no``, ``fp16`` (with a GradScaler) or ``bf16``."""
+    amp: bool = False
+    """RadioDiff compatibility: with ``fp16: true`` means ``mixed_precision: fp16``."""
+    fp16: bool = False
+    """RadioDiff compatibility: see ``amp``."""
+    seed: int = 0
+    """Fixes every random choice of the run."""
+    log_with: list[str] = field(default_factory=list)
+    """Extra accelerate trackers (``tensorboard``, ``wandb`` ...); metrics.jsonl is always written."""
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded default dataset, generated on first use."""
+
+    cache_dir: str = "~/.cache/radiodiff_resume"
+    """Folder the generated dataset is cached in."""
+    num_maps: int = 40
+    """City maps to generate."""
+    tx_per_map: int = 4
+    """Transmitters per map."""
+    seed: int = 0
+    """Seed of the generator."""
+    size: int = 256
+    """Side of the PNGs written, in pixels (RadioMapSeer: 256)."""
+
+
+@dataclass
+class DataConfig:
+    """RadioMapSeer (real or synthetic) or a plugged-in dataset."""
+
+    root: str | None = None
+    """RadioMapSeer folder; null uses the synthetic dataset from ``data.synthetic``."""
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    simulation: str = "DPM"
+    """Which ``gain/<simulation>`` maps are the targets."""
+    image_size: int = 256
+    """Side the maps are resized to before training."""
+    batch_size: int = 8
+    """Batch size per process (RadioDiff: ``data.batch_size``)."""
+    val_fraction: float = 0.1
+    """Fraction of maps (not samples) held out for validation."""
+    split_seed: int = 0
+    """Seed of the map-level train/val split."""
+    max_train_samples: int | None = None
+    """Use only the first N training samples (null: all)."""
+    max_val_samples: int | None = None
+    """Use only the first N validation samples (null: all)."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    train: PluginConfig | None = None
+    """Plug in your own training dataset: ``target`` + ``params``; items are dicts with
+    ``image`` [1,H,W] and ``cond`` [C,H,W] in [-1, 1]."""
+    validation: PluginConfig | None = None
+    """Plug in your own validation dataset (same contract as ``data.train``)."""
+
+
+@dataclass
+class FirstStageLossConfig:
+    """Reconstruction loss of the autoencoder."""
+
+    type: str = "charbonnier"
+    """``charbonnier`` or ``l1``."""
+    kl_weight: float = 1e-6
+    """Weight of the KL term."""
+    ms_ssim_weight: float = 0.0
+    """Weight of the (1 - MS-SSIM) term; 0 disables it."""
+
+
+def _default_autoencoder() -> dict[str, tp.Any]:
+    return {
+        "block_out_channels": [64, 128, 256],
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "layers_per_block": 2,
+        "latent_channels": 3,
+        "norm_num_groups": 32,
+    }
+
+
+@dataclass
+class FirstStageConfig:
+    """The frozen first stage (an ``AutoencoderKL`` by default)."""
+
+    target: str = "diffusers.AutoencoderKL"
+    """Autoencoder class; called with ``in_channels``, ``out_channels``, ``sample_size`` added."""
+    params: dict[str, tp.Any] = field(default_factory=_default_autoencoder)
+    """Keyword arguments of ``target``."""
+    ckpt_path: str | None = None
+    """Weights of the trained first stage (``.safetensors``)."""
+    train_if_missing: bool = False
+    """Train the first stage first when ``ckpt_path`` does not exist yet."""
+    batch_size: int | None = None
+    """Batch size of first-stage training (null: ``data.batch_size``)."""
+    loss: FirstStageLossConfig = field(default_factory=FirstStageLossConfig)
+    trainer: LoopConfig = field(default_factory=lambda: LoopConfig(use_ema=False, lr=1e-4))
+    """Loop settings of first-stage training."""
+
+
+def _default_unet() -> PluginConfig:
+    return PluginConfig(
+        target="diffusers.UNet2DModel",
+        params={
+            "block_out_channels": [128, 256, 256, 512],
+            "down_block_types": ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+            "layers_per_block": 2,
+        },
+    )
+
+
+def _default_cond_encoder() -> PluginConfig:
+    return PluginConfig(
+        target="radiodiff_resume.models.ldm.ConditionEncoder",
+        params={"hidden_channels": [32, 64, 128], "out_channels": 4},
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The conditional latent diffusion model."""
+
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
+    unet: PluginConfig = field(default_factory=_default_unet)
+    """Denoiser; called with ``sample_size``, ``in_channels``, ``out_channels`` added."""
+    cond_encoder: PluginConfig = field(default_factory=_default_cond_encoder)
+    """Condition encoder; called with ``in_channels`` and ``downsample`` added."""
+    timesteps: int = 1000
+    """Diffusion steps of the DDPM noise schedule."""
+    sampling_timesteps: int = 50
+    """DDIM steps when sampling."""
+    beta_schedule: str = "linear"
+    """DDPM beta schedule."""
+    prediction_type: str = "epsilon"
+    """What the denoiser predicts."""
+    loss_type: str = "l2"
+    """``l2`` or ``l1``."""
+    scale_factor: float = 1.0
+    """Latent scale (used as is unless ``scale_by_std``)."""
+    scale_by_std: bool = True
+    """Compute ``scale_factor`` = 1/std of the first batch's latents on a fresh run."""
+
+
+@dataclass
+class Config:
+    """Everything one run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @property
+    def results_folder(self) -> Path:
+        return Path(self.trainer.results_folder)
+
+    def first_stage_folder(self) -> Path:
+        """Where first-stage training writes its logs and samples."""
+        return self.results_folder / "first_stage"
+
+
+def resolved_mixed_precision(trainer: TrainerConfig) -> str:
+    """Fold RadioDiff's ``amp``/``fp16`` flags into one ``mixed_precision`` value."""
+    if trainer.amp and trainer.fp16:
+        return "fp16"
+    return trainer.mixed_precision
+
+
+def load_config(path: str | Path, overrides: tp.Sequence[str] = ()) -> Config:
+    """Read ``path``, apply ``key=value`` overrides, validate, return the typed config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} not found; pass --cfg configs/radio_tiny.yaml or another YAML file"
+        )
+    try:
+        user = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if not isinstance(user, DictConfig):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return build_config(user, overrides, source=str(path))
+
+
+def build_config(
+    user: tp.Mapping[str, tp.Any] | DictConfig,
+    overrides: tp.Sequence[str] = (),
+    source: str = "<config>",
+) -> Config:
+    """Merge ``user`` and ``overrides`` onto the schema; raise one error listing every problem."""
+    problems: list[str] = []
+    bad = [o for o in overrides if "=" not in o or o.startswith("=")]
+    for o in bad:
+        problems.append(f"override '{o}': expected key=value, e.g. trainer.lr=1e-4")
+    try:
+        dotlist = OmegaConf.from_dotlist([o for o in overrides if o not in bad])
+    except OmegaConfBaseException as exc:
+        problems.append(f"overrides: {exc}")
+        dotlist = OmegaConf.create()
+    raw = OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(dict(user)), dotlist))
+    schema = OmegaConf.structured(Config)
+    _assign(schema, raw, Config, "", problems)
+    _missing(schema, "", problems)
+    cfg: Config | None = None
+    if not any(p.endswith(": required but not set") for p in problems):
+        cfg = tp.cast(Config, OmegaConf.to_object(schema))
+        reported = [p.split(":", 1)[0] for p in problems]
+        problems.extend(p for p in validate(cfg) if not any(_mentions(p, k) for k in reported))
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        n = len(problems)
+        raise ConfigError(
+            f"invalid config ({source} + overrides), {n} problem{'s' * (n > 1)}:\n{lines}\n"
+            "Fix these in the YAML file or with key=value overrides and run again."
+        )
+    assert cfg is not None
+    return cfg
+
+
+def _assign(node: DictConfig, raw: tp.Any, schema: type, prefix: str, problems: list[str]) -> None:
+    """Assign ``raw`` into the structured ``node`` leaf by leaf, collecting every problem."""
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or '<top>'}: got {raw!r}; expected a mapping")
+        return
+    hints = tp.get_type_hints(schema)
+    allowed = [f.name for f in dataclasses.fields(schema)]
+    for key, value in raw.items():
+        path = f"{prefix}{key}"
+        if key not in allowed:
+            near = difflib.get_close_matches(str(key), allowed, n=1)
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            problems.append(f"{path}: unknown key{hint}; allowed here: {', '.join(allowed)}")
+            continue
+        sub = _dataclass_of(hints[key])
+        if sub is not None and isinstance(value, dict):
+            if node[key] is None:
+                node[key] = OmegaConf.structured(sub)
+            _assign(node[key], value, sub, f"{path}.", problems)
+            continue
+        if hints[key] is float and isinstance(value, str):
+            value = _float_or_str(value)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                node[key] = value
+        except OmegaConfBaseException as exc:
+            msg = str(exc).splitlines()[0]
+            problems.append(f"{path}: got {value!r}; expected {_type_name(hints[key])} ({msg})")
+
+
+def _mentions(problem: str, key: str) -> bool:
+    """Whether ``problem`` is about ``key`` (a value check on a leaf whose type already failed)."""
+    return re.search(rf"(?<![\w.]){re.escape(key)}(?!\w)", problem) is not None
+
+
+def _missing(node: DictConfig, prefix: str, problems: list[str]) -> None:
+    for key in node:
+        path = f"{prefix}{key}"
+        if OmegaConf.is_missing(node, key):
+            problems.append(f"{path}: required but not set")
+        elif isinstance(node[key], DictConfig) and OmegaConf.get_type(node[key]) is not dict:
+            _missing(node[key], f"{path}.", problems)
+
+
+def _dataclass_of(hint: tp.Any) -> type | None:
+    for candidate in (hint, *tp.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return tp.cast(type, candidate)
+    return None
+
+
+def _float_or_str(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
+def _type_name(hint: tp.Any) -> str:
+    args = [a for a in tp.get_args(hint) if a is not type(None)]
+    if tp.get_origin(hint) is tp.Union and len(args) == 1:
+        return f"{_type_name(args[0])} or null"
+    return getattr(hint, "__name__", str(hint))
+
+
+def validate(cfg: Config) -> list[str]:
+    """Value checks that types cannot express; returns every problem found."""
+    problems: list[str] = []
+
+    def need(ok: bool, key: str, value: tp.Any, allowed: str) -> None:
+        if not ok:
+            problems.append(f"{key}: got {value!r}; allowed: {allowed}")
+
+    def loop(p: str, c: LoopConfig) -> None:
+        need(c.train_num_steps >= 1, f"{p}.train_num_steps", c.train_num_steps, ">= 1")
+        need(
+            c.gradient_accumulate_every >= 1,
+            f"{p}.gradient_accumulate_every",
+            c.gradient_accumulate_every,
+            ">= 1",
+        )
+        need(c.lr > 0 and math.isfinite(c.lr), f"{p}.lr", c.lr, "a finite value > 0")
+        need(0 <= c.min_lr <= c.lr, f"{p}.min_lr", c.min_lr, f"between 0 and {p}.lr ({c.lr})")
+        need(c.lr_warmup_steps >= 0, f"{p}.lr_warmup_steps", c.lr_warmup_steps, ">= 0")
+        need(c.weight_decay >= 0, f"{p}.weight_decay", c.weight_decay, ">= 0")
+        need(
+            c.max_grad_norm is None or c.max_grad_norm > 0,
+            f"{p}.max_grad_norm",
+            c.max_grad_norm,
+            "> 0, or null to disable clipping",
+        )
+        for k in ("save_and_sample_every", "log_freq", "ema_update_every"):
+            need(getattr(c, k) >= 1, f"{p}.{k}", getattr(c, k), ">= 1")
+        need(0.0 <= c.ema_decay < 1.0, f"{p}.ema_decay", c.ema_decay, "0 <= decay < 1")
+        need(c.ema_update_after_step >= 0, f"{p}.ema_update_after_step", c.ema_update_after_step, ">= 0")
+        need(c.val_batches >= 0, f"{p}.val_batches", c.val_batches, ">= 0")
+        need(c.num_sample_images >= 1, f"{p}.num_sample_images", c.num_sample_images, ">= 1")
+
+    t = cfg.trainer
+    loop("trainer", t)
+    need(t.mixed_precision in MIXED_PRECISIONS, "trainer.mixed_precision", t.mixed_precision,
+         ", ".join(MIXED_PRECISIONS))
+    if t.amp and not t.fp16:
+        problems.append(
+            "trainer.amp: true with trainer.fp16: false means fp16 autocast without a loss "
+            "scaler (RadioDiff's setting), a common NaN source; set trainer.mixed_precision=bf16 "
+            "(and trainer.amp=false), or trainer.fp16=true to get fp16 with a GradScaler"
+        )
+    if t.fp16 and not t.amp:
+        problems.append("trainer.fp16: true needs trainer.amp: true; or use trainer.mixed_precision=fp16")
+    if t.amp and t.fp16 and t.mixed_precision not in ("no", "fp16"):
+        problems.append(
+            f"trainer.mixed_precision: got {t.mixed_precision!r} but trainer.amp/fp16 ask for fp16; "
+            "set only one of them"
+        )
+    need(bool(t.results_folder), "trainer.results_folder", t.results_folder, "a folder path")
+    need(t.seed >= 0, "trainer.seed", t.seed, ">= 0")
+
+    fs = cfg.model.first_stage
+    loop("model.first_stage.trainer", fs.trainer)
+    need(fs.loss.type in RECON_LOSSES, "model.first_stage.loss.type", fs.loss.type, ", ".join(RECON_LOSSES))
+    need(fs.loss.kl_weight >= 0, "model.first_stage.loss.kl_weight", fs.loss.kl_weight, ">= 0")
+    need(fs.loss.ms_ssim_weight >= 0, "model.first_stage.loss.ms_ssim_weight", fs.loss.ms_ssim_weight, ">= 0")
+    need(fs.batch_size is None or fs.batch_size >= 1, "model.first_stage.batch_size", fs.batch_size, ">= 1")
+    if fs.ckpt_path is None:
+        problems.append(
+            "model.first_stage.ckpt_path: required; the path of the first-stage weights "
+            "(.safetensors), with model.first_stage.train_if_missing=true to train them first"
+        )
+    elif not fs.ckpt_path.endswith(".safetensors"):
+        problems.append(
+            f"model.first_stage.ckpt_path: got {fs.ckpt_path!r}; expected a .safetensors file"
+        )
+
+    m = cfg.model
+    need(m.timesteps >= 1, "model.timesteps", m.timesteps, ">= 1")
+    need(1 <= m.sampling_timesteps <= m.timesteps, "model.sampling_timesteps", m.sampling_timesteps,
+         f"1 .. model.timesteps ({m.timesteps})")
+    need(m.beta_schedule in BETA_SCHEDULES, "model.beta_schedule", m.beta_schedule, ", ".join(BETA_SCHEDULES))
+    need(m.prediction_type in PREDICTION_TYPES, "model.prediction_type", m.prediction_type,
+         ", ".join(PREDICTION_TYPES))
+    need(m.loss_type in LDM_LOSSES, "model.loss_type", m.loss_type, ", ".join(LDM_LOSSES))
+    need(m.scale_factor > 0 and math.isfinite(m.scale_factor), "model.scale_factor", m.scale_factor,
+         "a finite value > 0")
+    for key, target in (
+        ("model.first_stage.target", fs.target),
+        ("model.unet.target", m.unet.target),
+        ("model.cond_encoder.target", m.cond_encoder.target),
+        ("data.train.target", cfg.data.train.target if cfg.data.train else None),
+        ("data.validation.target", cfg.data.validation.target if cfg.data.validation else None),
+    ):
+        if target is not None:
+            err = _import_problem(target)
+            if err:
+                problems.append(f"{key}: {err}")
+
+    d = cfg.data
+    need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
+    need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
+    need(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "0 < fraction < 1")
+    need(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
+    for k in ("max_train_samples", "max_val_samples"):
+        v = getattr(d, k)
+        need(v is None or v >= 1, f"data.{k}", v, ">= 1, or null for all")
+    s = d.synthetic
+    need(s.num_maps >= 2, "data.synthetic.num_maps", s.num_maps, ">= 2 (the split is by map)")
+    need(s.tx_per_map >= 1, "data.synthetic.tx_per_map", s.tx_per_map, ">= 1")
+    need(s.size >= 16, "data.synthetic.size", s.size, ">= 16")
+    if (d.train is None) != (d.validation is None):
+        problems.append("data.train / data.validation: plug in both datasets or neither")
+    return problems
+
+
+def _import_problem(target: str) -> str | None:
+    module_name, _, attr = target.rpartition(".")
+    if not module_name:
+        return f"got {target!r}; expected a dotted path like package.module.ClassName"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        return f"cannot import module '{module_name}' for {target!r} ({exc})"
+    if not hasattr(module, attr):
+        return f"module '{module_name}' has no attribute '{attr}'"
+    return None
+
+
+def get_target(target: str) -> tp.Callable[..., tp.Any]:
+    """The class or function a validated ``target`` names."""
+    module_name, _, attr = target.rpartition(".")
+    return tp.cast(tp.Callable[..., tp.Any], getattr(importlib.import_module(module_name), attr))
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML (what ``config.yaml`` in the results folder holds)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def config_hash(cfg: Config) -> str:
+    """A short digest of the resolved config, for logs and checkpoint manifests."""
+    return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Model parts: the first-stage autoencoder and the conditional latent diffusion model."""

@@ -1,0 +1,78 @@
+"""First stage: an autoencoder (diffusers ``AutoencoderKL`` by default) and its training loss.
+
+The first stage must follow the diffusers contract: ``encode(x).latent_dist`` with
+``sample(generator)``, ``mode()`` and ``kl()``, and ``decode(z).sample``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.functional.image import multiscale_structural_similarity_index_measure
+
+from radiodiff_resume.config import FirstStageLossConfig
+
+MS_SSIM_BETAS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+MS_SSIM_KERNEL = 11
+
+
+def charbonnier(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """Smooth L1-like loss; robust to the outliers of sharp radio-map edges."""
+    return torch.sqrt((pred - target) ** 2 + eps * eps).mean()
+
+
+def ms_ssim_betas(size: int) -> tuple[float, ...]:
+    """The most MS-SSIM scales an image of side ``size`` supports, weights renormalised.
+
+    torchmetrics needs ``size // max(1, n - 1) ** 2 > kernel - 1`` for ``n`` scales.
+    """
+    n = max(
+        (k for k in range(1, len(MS_SSIM_BETAS) + 1)
+         if size // max(1, k - 1) ** 2 > MS_SSIM_KERNEL - 1),
+        default=1,
+    )
+    betas = MS_SSIM_BETAS[:n]
+    total = sum(betas)
+    return tuple(b / total for b in betas)
+
+
+class AutoencoderWithLoss(nn.Module):
+    """Wraps the autoencoder so the training loss comes out of ``forward``.
+
+    Going through ``forward`` keeps the loss inside the DDP wrapper, so gradients are
+    all-reduced (RadioDiff's ``model.module.training_step`` bypassed it).
+    """
+
+    def __init__(self, autoencoder: nn.Module, loss: FirstStageLossConfig, image_size: int) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+        self.loss_cfg = loss
+        self.betas = ms_ssim_betas(image_size)
+
+    def forward(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        posterior = self.autoencoder.encode(image).latent_dist
+        recon = self.autoencoder.decode(posterior.sample(generator=generator)).sample
+        if self.loss_cfg.type == "charbonnier":
+            loss = charbonnier(recon.float(), image.float())
+        else:
+            loss = F.l1_loss(recon.float(), image.float())
+        if self.loss_cfg.kl_weight > 0:
+            loss = loss + self.loss_cfg.kl_weight * posterior.kl().float().mean()
+        if self.loss_cfg.ms_ssim_weight > 0:
+            ms = multiscale_structural_similarity_index_measure(
+                (recon.float().clamp(-1, 1) + 1) / 2,
+                (image.float() + 1) / 2,
+                data_range=1.0,
+                betas=self.betas,
+                kernel_size=MS_SSIM_KERNEL,
+                normalize="relu",
+            )
+            loss = loss + self.loss_cfg.ms_ssim_weight * (1 - ms)
+        return loss
+
+    @torch.no_grad()
+    def reconstruct(self, image: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction (posterior mode), for validation and samples."""
+        latent = self.autoencoder.encode(image).latent_dist.mode()
+        return self.autoencoder.decode(latent).sample.clamp(-1, 1)

@@ -1,0 +1,170 @@
+"""Conditional latent diffusion from diffusers parts.
+
+The denoiser sees the noisy latent concatenated with an encoded condition (buildings,
+transmitter, buildings). ``scale_factor`` is a persistent buffer, so it travels with
+``state_dict`` and a strict load cannot silently drop it.
+"""
+
+from __future__ import annotations
+
+import math
+import typing as tp
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
+
+
+class ConditionEncoder(nn.Module):
+    """A small CNN with BatchNorm that maps the condition to the latent grid.
+
+    BatchNorm is deliberate: its running statistics are the state that fp16 overflow
+    corrupts in the field, and the guards must protect something real.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 4,
+        hidden_channels: tp.Sequence[int] = (32, 64),
+        downsample: int = 4,
+    ) -> None:
+        super().__init__()
+        n_down = int(math.log2(downsample))
+        if 2**n_down != downsample:
+            raise ValueError(f"downsample must be a power of two, got {downsample}")
+        widths = list(hidden_channels)
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for i in range(max(len(widths), n_down)):
+            width = widths[min(i, len(widths) - 1)]
+            stride = 2 if i < n_down else 1
+            layers += [
+                nn.Conv2d(channels, width, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.SiLU(),
+            ]
+            channels = width
+        layers.append(nn.Conv2d(channels, out_channels, 3, padding=1))
+        self.net = nn.Sequential(*layers)
+        self.out_channels = out_channels
+
+    def forward(self, cond: torch.Tensor) -> torch.Tensor:
+        return self.net(cond)
+
+
+def _sample_of(output: tp.Any) -> torch.Tensor:
+    """Accept diffusers outputs (``.sample``), tuples, or plain tensors from plugged denoisers."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "sample"):
+        return tp.cast(torch.Tensor, output.sample)
+    return tp.cast(torch.Tensor, output[0])
+
+
+class ConditionalLDM(nn.Module):
+    """Frozen first stage + trainable condition encoder and denoiser.
+
+    ``forward`` returns the training loss so the loss always flows through the
+    (possibly DDP-wrapped) module's forward.
+    """
+
+    def __init__(
+        self,
+        first_stage: nn.Module,
+        unet: nn.Module,
+        cond_encoder: nn.Module,
+        noise_scheduler: DDPMScheduler,
+        latent_shape: tuple[int, int, int],
+        scale_factor: float = 1.0,
+        loss_type: str = "l2",
+        sampling_timesteps: int = 50,
+    ) -> None:
+        super().__init__()
+        self.first_stage = first_stage.requires_grad_(False).eval()
+        self.unet = unet
+        self.cond_encoder = cond_encoder
+        self.noise_scheduler = noise_scheduler
+        self.latent_shape = latent_shape
+        self.loss_type = loss_type
+        self.sampling_timesteps = sampling_timesteps
+        self.register_buffer("scale_factor", torch.tensor(float(scale_factor)), persistent=True)
+
+    def train(self, mode: bool = True) -> ConditionalLDM:
+        """Keep the frozen first stage in eval mode whatever the trainer asks."""
+        super().train(mode)
+        self.first_stage.eval()
+        return self
+
+    def trainable_modules(self) -> nn.ModuleList:
+        """What the optimizer and the EMA see; the first stage is excluded."""
+        return nn.ModuleList([self.cond_encoder, self.unet])
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Scaled latent of ``image`` (a posterior sample, as in LDM)."""
+        latent = self.first_stage.encode(image).latent_dist.sample(generator=generator)
+        return latent * self.scale_factor
+
+    @torch.no_grad()
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.first_stage.decode(latent / self.scale_factor).sample.clamp(-1, 1)
+
+    @torch.no_grad()
+    def latent_moments(
+        self, image: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """``[sum, sum of squares, count]`` of the unscaled latents, for ``scale_by_std``.
+
+        Returned as sums so ranks can add them before the std is taken.
+        """
+        z = self.first_stage.encode(image).latent_dist.sample(generator=generator).double()
+        return torch.stack([z.sum(), (z * z).sum(), torch.tensor(z.numel(), dtype=z.dtype, device=z.device)])
+
+    def set_scale_factor(self, value: torch.Tensor | float) -> None:
+        self.scale_factor.copy_(torch.as_tensor(value, dtype=self.scale_factor.dtype))
+
+    def denoise(self, noisy: torch.Tensor, cond_features: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _sample_of(self.unet(torch.cat([noisy, cond_features], dim=1), t))
+
+    def forward(
+        self, image: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Training loss of one batch; all randomness comes from ``generator``."""
+        z = self.encode(image, generator)
+        features = self.cond_encoder(cond)
+        noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        t = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (z.shape[0],),
+            generator=generator, device=z.device,
+        )
+        noisy = self.noise_scheduler.add_noise(z, noise, t)
+        pred = self.denoise(noisy, features, t)
+        prediction_type = self.noise_scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(z, noise, t)
+        else:
+            target = z
+        if self.loss_type == "l1":
+            return F.l1_loss(pred.float(), target.float())
+        return F.mse_loss(pred.float(), target.float())
+
+    @torch.no_grad()
+    def sample(
+        self, cond: torch.Tensor, generator: torch.Generator | None = None, steps: int | None = None
+    ) -> torch.Tensor:
+        """Deterministic DDIM sampling (eta=0); noise only from ``generator``."""
+        ddim = DDIMScheduler.from_config(self.noise_scheduler.config)
+        ddim.set_timesteps(steps or self.sampling_timesteps, device=cond.device)
+        features = self.cond_encoder(cond)
+        z = torch.randn(
+            (cond.shape[0], *self.latent_shape), generator=generator, device=cond.device,
+            dtype=features.dtype,
+        )
+        for t in ddim.timesteps:
+            pred = self.denoise(z, features, t.expand(cond.shape[0]))
+            z = ddim.step(pred, t, z).prev_sample
+        return self.decode(z)

@@ -1,0 +1,126 @@
+"""The ``train`` job: first stage (when its weights are missing and the config says so),
+then the conditional LDM. One Accelerator per process serves both stages.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import typing as tp
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import Dataset
+
+from radiodiff_resume.build import (
+    build_datasets,
+    build_first_stage,
+    build_ldm,
+    dataset_root,
+    load_first_stage_weights,
+)
+from radiodiff_resume.config import Config, config_hash, resolved_mixed_precision, to_yaml
+from radiodiff_resume.errors import UserError
+from radiodiff_resume.io import write_text_atomic
+from radiodiff_resume.models.autoencoder import AutoencoderWithLoss
+from radiodiff_resume.trainer import AutoencoderTrainer, LatentDiffusionTrainer
+
+logger = logging.getLogger(__name__)
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """One Accelerator per process; without a GPU, processes started by torchrun use gloo."""
+    if "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ and not torch.cuda.is_available():
+        logger.warning(
+            "accelerate launch --num_processes N starts ONE process on a machine without a GPU; "
+            "add --multi_gpu to start N CPU processes (gloo), e.g. "
+            "accelerate launch --multi_gpu --num_processes 2 train_cond_ldm.py --cfg ..."
+        )
+    return Accelerator(
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=resolved_mixed_precision(cfg.trainer),
+        log_with=list(cfg.trainer.log_with) or None,
+        project_dir=str(cfg.results_folder),
+    )
+
+
+def train(cfg: Config, accelerator: Accelerator | None = None) -> LatentDiffusionTrainer:
+    """Run the whole job; returns the finished LDM trainer."""
+    accelerator = accelerator or make_accelerator(cfg)
+    trainer = build_ldm_trainer(cfg, accelerator)
+    trainer.fit()
+    accelerator.end_training()
+    return trainer
+
+
+def build_ldm_trainer(cfg: Config, accelerator: Accelerator) -> LatentDiffusionTrainer:
+    """Data, first stage (trained first if missing and allowed), LDM and its trainer."""
+    set_seed(cfg.trainer.seed)  # same on every rank: identical model init everywhere
+    results = cfg.results_folder
+    if accelerator.is_main_process:
+        write_text_atomic(results / "config.yaml", to_yaml(cfg))
+    logger.info(
+        "run: %s (config %s), %d process(es), device %s, mixed precision %s",
+        results, config_hash(cfg), accelerator.num_processes, accelerator.device,
+        accelerator.mixed_precision,
+    )
+    if cfg.trainer.log_with:
+        accelerator.init_trackers("radiodiff_resume", config={"config_hash": config_hash(cfg)})
+    train_set, val_set = load_data(cfg, accelerator)
+    first_stage = ready_first_stage(cfg, accelerator, train_set, val_set)
+    set_seed(cfg.trainer.seed)  # LDM init independent of whether stage 1 just ran
+    return LatentDiffusionTrainer(
+        cfg.trainer, build_ldm(cfg, first_stage), train_set, val_set,
+        accelerator=accelerator, results_folder=results, seed=cfg.trainer.seed,
+        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+        scale_by_std=cfg.model.scale_by_std,
+    )
+
+
+def load_data(cfg: Config, accelerator: Accelerator) -> tuple[Dataset, Dataset]:
+    root = None
+    if cfg.data.train is None:
+        with accelerator.main_process_first():
+            root = dataset_root(cfg)
+        logger.info("data: %s", root)
+    train_set, val_set = build_datasets(cfg, root)
+    logger.info("data: %d training / %d validation samples", len(train_set), len(val_set))  # type: ignore[arg-type]
+    return train_set, val_set
+
+
+def ready_first_stage(
+    cfg: Config, accelerator: Accelerator, train_set: Dataset, val_set: Dataset
+) -> nn.Module:
+    """The trained first stage, loaded strictly from ``model.first_stage.ckpt_path``.
+
+    When the file is missing and ``train_if_missing`` is set, it is trained here first;
+    otherwise a missing file is an error (never a silently random first stage).
+    """
+    fs = cfg.model.first_stage
+    ckpt = Path(tp.cast(str, fs.ckpt_path))
+    if not ckpt.exists():
+        if not fs.train_if_missing:
+            raise UserError(
+                f"first-stage weights {ckpt} not found (model.first_stage.ckpt_path); point it at "
+                "a trained autoencoder, or set model.first_stage.train_if_missing=true to train one first"
+            )
+        logger.info(
+            "first stage: %s is missing and model.first_stage.train_if_missing=true: "
+            "training the first stage now", ckpt,
+        )
+        model = AutoencoderWithLoss(build_first_stage(cfg), fs.loss, cfg.data.image_size)
+        trainer = AutoencoderTrainer(
+            fs.trainer, model, train_set, val_set,
+            accelerator=accelerator, results_folder=cfg.first_stage_folder(),
+            seed=cfg.trainer.seed, batch_size=fs.batch_size or cfg.data.batch_size,
+            num_workers=cfg.data.num_workers, export_path=ckpt,
+        )
+        trainer.fit()
+        accelerator.free_memory()
+    logger.info("first stage: loading %s", ckpt)
+    first_stage = build_first_stage(cfg)
+    load_first_stage_weights(first_stage, ckpt)
+    return first_stage

@@ -1,0 +1,52 @@
+"""Stage 1: the first-stage autoencoder, whose weights the LDM then loads frozen."""
+
+from __future__ import annotations
+
+import logging
+import typing as tp
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from radiodiff_resume.io import save_tensors_atomic
+from radiodiff_resume.models.autoencoder import AutoencoderWithLoss
+from radiodiff_resume.trainer.base import Batch, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+class AutoencoderTrainer(Trainer):
+    """Reconstruction (+ KL, + optional MS-SSIM) training; exports weights at the end."""
+
+    stage = "first_stage"
+
+    def __init__(self, *args: tp.Any, export_path: Path, **kwargs: tp.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.export_path = Path(export_path)
+
+    @property
+    def wrapper(self) -> AutoencoderWithLoss:
+        return tp.cast(AutoencoderWithLoss, self.unwrapped)
+
+    def trainable_module(self, model: nn.Module) -> nn.Module:
+        return tp.cast(AutoencoderWithLoss, model).autoencoder
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        return tp.cast(torch.Tensor, self.model(batch["image"], generator=self.noise))
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self.wrapper.reconstruct(batch["image"])
+
+    def sample_columns(self, batch: Batch) -> list[torch.Tensor]:
+        return [batch["image"], self.predict(batch)]
+
+    def on_fit_end(self) -> None:
+        """Write the (EMA, if kept) autoencoder weights atomically, from the main process."""
+        if self.accelerator.is_main_process:
+            with self.ema_weights():
+                state = dict(self.wrapper.autoencoder.state_dict())
+                save_tensors_atomic(self.export_path, state, {"step": str(self.state.step)})
+            logger.info("first stage: weights written to %s", self.export_path)
+        self.accelerator.wait_for_everyone()

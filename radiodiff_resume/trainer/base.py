@@ -1,0 +1,295 @@
+"""The training loop. It reads top to bottom and holds no policy of its own:
+subclasses say what a loss, a prediction and a sample grid are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import typing as tp
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from radiodiff_resume.config import LoopConfig
+from radiodiff_resume.data.stream import BatchStream
+from radiodiff_resume.images import save_grid
+from radiodiff_resume.trainer.runlog import RunLog
+from radiodiff_resume.trainer.state import TrainState, derive_seed
+from radiodiff_resume.trainer.validation import ValidationResult, evaluate
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, tp.Any]
+
+
+def warmup_cosine(loop: LoopConfig) -> tp.Callable[[int], float]:
+    """LR multiplier: linear warm-up, then cosine decay from ``lr`` to ``min_lr``."""
+    floor = loop.min_lr / loop.lr
+
+    def factor(step: int) -> float:
+        if step < loop.lr_warmup_steps:
+            return (step + 1) / (loop.lr_warmup_steps + 1)
+        span = max(1, loop.train_num_steps - loop.lr_warmup_steps)
+        progress = min(1.0, (step - loop.lr_warmup_steps) / span)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Trainer:
+    """Accelerate-based loop: accumulation, mixed precision, EMA, validation, samples.
+
+    Subclasses implement :meth:`training_loss`, :meth:`predict` and
+    :meth:`sample_columns`, and may hook :meth:`on_fit_start` / :meth:`on_fit_end`.
+    """
+
+    stage = "train"
+
+    def __init__(
+        self,
+        loop: LoopConfig,
+        model: nn.Module,
+        train_set: Dataset,
+        val_set: Dataset,
+        *,
+        accelerator: Accelerator,
+        results_folder: Path,
+        seed: int,
+        batch_size: int,
+        num_workers: int = 0,
+    ) -> None:
+        self.loop = loop
+        self.accelerator = accelerator
+        self.results_folder = Path(results_folder)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.state = TrainState()
+        accelerator.gradient_accumulation_steps = loop.gradient_accumulate_every
+
+        model.to(accelerator.device)
+        self.params = [p for p in self.trainable_module(model).parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(self.params, lr=loop.lr, weight_decay=loop.weight_decay)
+        self.lr_schedule = LambdaLR(optimizer, warmup_cosine(loop))
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        # After prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
+        self.ema = (
+            EMAModel(self.params, decay=loop.ema_decay, update_after_step=loop.ema_update_after_step)
+            if loop.use_ema else None
+        )
+        # Runtime randomness (e.g. dropout) differs per rank; model init above did not.
+        set_seed(derive_seed(seed, self.stage, "global", accelerator.process_index) % 2**32)
+
+        rank, world = accelerator.process_index, accelerator.num_processes
+        self.train_stream = BatchStream(train_set, batch_size, rank, world, seed, num_workers)
+        self.val_set = val_set
+        self.num_workers = num_workers
+        self.noise = torch.Generator(accelerator.device).manual_seed(
+            derive_seed(seed, self.stage, "noise", rank)
+        )
+        self.log = RunLog(self.results_folder, accelerator, self.stage)
+        self._loss_sum = torch.zeros((), device=accelerator.device)
+        self._loss_count = 0
+
+    # ----- what subclasses provide -------------------------------------------------
+    def trainable_module(self, model: nn.Module) -> nn.Module:
+        """The part of ``model`` that the optimizer and EMA see."""
+        return model
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        """Loss of one micro-batch, computed through ``self.model``'s forward."""
+        raise NotImplementedError
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """The model's output map for ``batch`` (validation), in [-1, 1]."""
+        raise NotImplementedError
+
+    def sample_columns(self, batch: Batch) -> list[torch.Tensor]:
+        """Images shown side by side in a sample grid."""
+        raise NotImplementedError
+
+    def on_fit_start(self) -> None:
+        """Runs before the first step of :meth:`fit` (after any restore)."""
+
+    def on_fit_end(self) -> None:
+        """Runs after the last step of :meth:`fit`."""
+
+    # ----- the loop ----------------------------------------------------------------
+    @property
+    def unwrapped(self) -> nn.Module:
+        return tp.cast(nn.Module, self.accelerator.unwrap_model(self.model))
+
+    def fit(self) -> None:
+        total = self.loop.train_num_steps
+        self.model.train()
+        self.on_fit_start()
+        logger.info("%s: training steps %d..%d", self.stage, self.state.step, total)
+        bar = tqdm(
+            total=total, initial=self.state.step, desc=self.stage, dynamic_ncols=True,
+            disable=not self.accelerator.is_main_process,
+            mininterval=0.5 if sys.stderr.isatty() else 30.0,
+        )
+        while self.state.step < total:
+            loss = self.train_step()
+            self.state.step += 1
+            bar.update(1)
+            self.after_step(loss, bar)
+        bar.close()
+        self.sync_buffers()
+        self.on_fit_end()
+        self.log.plot(self.results_folder / "curves.png")
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over ``gradient_accumulate_every`` micro-batches."""
+        losses = []
+        for _ in range(self.loop.gradient_accumulate_every):
+            batch = self.to_device(next(self.train_stream))
+            with self.accelerator.accumulate(self.model):
+                loss = self.training_loss(batch)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients and self.loop.max_grad_norm is not None:
+                    self.accelerator.clip_grad_norm_(self.params, self.loop.max_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        self.lr_schedule.step()
+        next_step = self.state.step + 1
+        if self.ema is not None and next_step % self.loop.ema_update_every == 0:
+            self.ema.step(self.params)
+        self.state.samples_seen += (
+            self.batch_size * self.loop.gradient_accumulate_every * self.accelerator.num_processes
+        )
+        return torch.stack(losses).mean()
+
+    def after_step(self, loss: torch.Tensor, bar: tqdm) -> None:
+        """Logging, validation and samples on their schedules (one host sync per log)."""
+        step = self.state.step
+        self._loss_sum += loss
+        self._loss_count += 1
+        if step % self.loop.log_freq == 0 or step == self.loop.train_num_steps:
+            mean = self.accelerator.reduce(self._loss_sum / self._loss_count, "mean").item()
+            self._loss_sum.zero_()
+            self._loss_count = 0
+            lr = self.lr_schedule.get_last_lr()[0]
+            self.log.write(step, {"loss": mean, "lr": lr})
+            bar.set_postfix(loss=f"{mean:.4g}", lr=f"{lr:.2e}")
+        if step % self.loop.save_and_sample_every == 0 or step == self.loop.train_num_steps:
+            self.validate_and_sample()
+
+    def to_device(self, batch: Batch) -> Batch:
+        return {
+            k: v.to(self.accelerator.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()
+        }
+
+    # ----- evaluation --------------------------------------------------------------
+    def val_batches(self) -> list[Batch]:
+        """This rank's share of the first ``val_batches`` validation batches."""
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        n = len(self.val_set)  # type: ignore[arg-type]
+        indices = list(range(rank, n, world))[: self.loop.val_batches * self.batch_size]
+        loader = DataLoader(Subset(self.val_set, indices), batch_size=self.batch_size,
+                            num_workers=self.num_workers, generator=torch.Generator().manual_seed(0))
+        return [self.to_device(b) for b in loader]
+
+    def validate_and_sample(self) -> ValidationResult | None:
+        """Validate with EMA weights (if any), log the result, write a sample grid."""
+        self.sync_buffers()
+        with self.ema_weights():
+            self.model.eval()
+            result = None
+            if self.loop.val_batches > 0:
+                result = evaluate(
+                    self.val_batches(), self.predict,
+                    lambda t: self.accelerator.reduce(t, "sum"), self.accelerator.device,
+                )
+                logger.info("%s step %d: %s", self.stage, self.state.step, result.describe())
+                self.log.write(self.state.step, result.log_values())
+            if self.accelerator.is_main_process:
+                self.write_samples()
+            self.model.train()
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's buffers (BatchNorm statistics, ``scale_factor``).
+
+        DDP broadcasts buffers at the start of each forward, so after the last
+        forward each rank holds statistics of its own batch; evaluation and saved
+        state must not depend on which rank ran them.
+        """
+        if self.accelerator.num_processes > 1:
+            for buffer in self.unwrapped.buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
+    def write_samples(self) -> None:
+        n = min(self.loop.num_sample_images, len(self.val_set))  # type: ignore[arg-type]
+        batch = self.to_device(
+            torch.utils.data.default_collate([self.val_set[i] for i in range(n)])
+        )
+        path = self.results_folder / "samples" / f"step-{self.state.step:08d}.png"
+        save_grid(path, self.sample_columns(batch))
+        logger.info("%s step %d: samples written to %s", self.stage, self.state.step, path)
+
+    def sample_generator(self) -> torch.Generator:
+        """A fresh generator for samples: never touches the training noise stream."""
+        return torch.Generator(self.accelerator.device).manual_seed(
+            derive_seed(self.seed, self.stage, "sample")
+        )
+
+    def ema_weights(self) -> tp.ContextManager[None]:
+        return _SwapEMA(self.ema, self.params)
+
+    # ----- state -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, tp.Any]:
+        """Every piece of training state, under named keys."""
+        state = {
+            "model": self.unwrapped.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_schedule": self.lr_schedule.state_dict(),
+            "train_state": self.state.state_dict(),
+            "data": self.train_stream.state_dict(),
+            "noise_rng": self.noise.get_state(),
+        }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        if self.accelerator.scaler is not None:
+            state["grad_scaler"] = self.accelerator.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: tp.Mapping[str, tp.Any]) -> None:
+        self.unwrapped.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        self.state.load_state_dict(state["train_state"])
+        self.train_stream.load_state_dict(state["data"])
+        self.noise.set_state(state["noise_rng"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+
+
+class _SwapEMA:
+    """Context manager: EMA weights in, online weights back out (even on error)."""
+
+    def __init__(self, ema: EMAModel | None, params: list[nn.Parameter]) -> None:
+        self.ema = ema
+        self.params = params
+
+    def __enter__(self) -> None:
+        if self.ema is not None:
+            self.ema.store(self.params)
+            self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.ema is not None:
+            self.ema.restore(self.params)

@@ -1,0 +1,80 @@
+"""Stage 2: the conditional latent diffusion model."""
+
+from __future__ import annotations
+
+import logging
+import typing as tp
+
+import torch
+from torch import nn
+
+from radiodiff_resume.io import save_tensors_atomic
+from radiodiff_resume.models.ldm import ConditionalLDM
+from radiodiff_resume.trainer.base import Batch, Trainer
+from radiodiff_resume.trainer.state import derive_seed
+
+logger = logging.getLogger(__name__)
+
+
+class LatentDiffusionTrainer(Trainer):
+    """Trains condition encoder + denoiser on latents of the frozen first stage."""
+
+    stage = "ldm"
+
+    def __init__(self, *args: tp.Any, scale_by_std: bool, **kwargs: tp.Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.scale_by_std = scale_by_std
+
+    @property
+    def ldm(self) -> ConditionalLDM:
+        return tp.cast(ConditionalLDM, self.unwrapped)
+
+    def trainable_module(self, model: nn.Module) -> nn.Module:
+        return tp.cast(ConditionalLDM, model).trainable_modules()
+
+    def on_fit_start(self) -> None:
+        """On a fresh run with ``scale_by_std``, set ``scale_factor`` once, from all ranks.
+
+        A restored run (step > 0) keeps the value it was trained with.
+        """
+        if self.state.step > 0:
+            logger.info("ldm: keeping restored scale_factor %.6g", float(self.ldm.scale_factor))
+            return
+        if not self.scale_by_std:
+            logger.info("ldm: scale_factor %.6g from model.scale_factor", float(self.ldm.scale_factor))
+            return
+        batch = self.to_device(self.train_stream.peek())
+        generator = torch.Generator(self.accelerator.device).manual_seed(
+            derive_seed(self.seed, self.stage, "scale_by_std", self.accelerator.process_index)
+        )
+        moments = self.accelerator.reduce(self.ldm.latent_moments(batch["image"], generator), "sum")
+        total, squares, count = moments.tolist()
+        mean = total / count
+        std = (squares / count - mean * mean) ** 0.5
+        self.ldm.set_scale_factor(1.0 / std)
+        logger.info(
+            "ldm: scale_by_std set scale_factor = 1/std = %.6g (first batch of every rank, %d values)",
+            1.0 / std, int(count),
+        )
+
+    def on_fit_end(self) -> None:
+        """Write final weights (online and EMA) for inference, from the main process."""
+        if self.accelerator.is_main_process:
+            meta = {"step": str(self.state.step), "scale_factor": repr(float(self.ldm.scale_factor))}
+            folder = self.results_folder / "final"
+            save_tensors_atomic(folder / "model.safetensors", dict(self.ldm.state_dict()), meta)
+            if self.ema is not None:
+                with self.ema_weights():
+                    save_tensors_atomic(folder / "model_ema.safetensors", dict(self.ldm.state_dict()), meta)
+            logger.info("ldm: final weights written to %s", folder)
+        self.accelerator.wait_for_everyone()
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        return tp.cast(torch.Tensor, self.model(batch["image"], batch["cond"], generator=self.noise))
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        with self.accelerator.autocast():
+            return self.ldm.sample(batch["cond"], generator=self.sample_generator())
+
+    def sample_columns(self, batch: Batch) -> list[torch.Tensor]:
+        return [batch["cond"], batch["image"], self.predict(batch)]

@@ -1,0 +1,88 @@
+"""Metrics: one JSON line per record in ``metrics.jsonl``, mirrored to accelerate trackers,
+and a PNG of the curves at the end of a run.
+
+Only finite numbers are written as numbers; anything else is recorded as ``null``
+with the key listed under ``invalid``, so a NaN can never pass for a real value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import typing as tp
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+
+
+class RunLog:
+    """Writes metrics from the main process; other ranks hold a no-op instance."""
+
+    def __init__(self, folder: Path, accelerator: Accelerator, name: str) -> None:
+        self.path = folder / "metrics.jsonl"
+        self.accelerator = accelerator
+        self.name = name
+        self.enabled = accelerator.is_main_process
+        if self.enabled:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, values: tp.Mapping[str, tp.Any]) -> None:
+        clean: dict[str, tp.Any] = {}
+        invalid = []
+        for k, v in values.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                clean[k] = None
+                invalid.append(k)
+            else:
+                clean[k] = v
+        record = {"stage": self.name, "step": step, "time": round(time.time(), 3), **clean}
+        if invalid:
+            record["invalid"] = invalid
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        numeric = {
+            f"{self.name}/{k}": v for k, v in clean.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        if self.accelerator.trackers:
+            self.accelerator.log(numeric, step=step)
+
+    def records(self) -> list[dict[str, tp.Any]]:
+        if not self.path.exists():
+            return []
+        with self.path.open() as f:
+            return [r for r in map(json.loads, f) if r.get("stage") == self.name]
+
+    def plot(self, path: Path) -> None:
+        """Training loss and validation metrics against step, as a PNG."""
+        if not self.enabled:
+            return
+        records = self.records()
+        loss = [(r["step"], r["loss"]) for r in records if r.get("loss") is not None]
+        val_keys = sorted({k for r in records for k in r if k.startswith("val/")} - {
+            "val/evaluated", "val/total", "val/valid"})
+        fig, axes = plt.subplots(1, 1 + bool(val_keys), figsize=(6 + 5 * bool(val_keys), 4),
+                                 squeeze=False)
+        ax = axes[0][0]
+        if loss:
+            ax.plot(*zip(*loss, strict=True), marker=".")
+            ax.set_yscale("log")
+        ax.set(title=f"{self.name}: training loss", xlabel="step", ylabel="loss")
+        if val_keys:
+            vax = axes[0][1]
+            for k in val_keys:
+                pts = [(r["step"], r[k]) for r in records if r.get(k) is not None]
+                if pts:
+                    vax.plot(*zip(*pts, strict=True), marker="o", label=k.removeprefix("val/"))
+            vax.set(title=f"{self.name}: validation", xlabel="step")
+            vax.set_yscale("symlog", linthresh=1e-2)
+            vax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up, then run the test suite (CPU; real multi-process accelerate runs included).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -m ruff check radiodiff_resume tests train_cond_ldm.py
+exec .venv/bin/python -m pytest "$@"
