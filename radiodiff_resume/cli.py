@@ -11,9 +11,11 @@ import os
 import sys
 import typing as tp
 
-from radiodiff_resume.errors import UserError
+from radiodiff_resume.errors import StopRequested, UserError
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 3
+"""Stopped on request after committing a checkpoint; run the same command to resume."""
 
 
 def _is_main_process() -> bool:
@@ -63,6 +65,10 @@ def run_command(func: tp.Callable[[argparse.Namespace], None], args: argparse.Na
         if _is_main_process():
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except StopRequested as exc:
+        if _is_main_process():
+            print(f"stopped: {exc}; run the same command to resume", file=sys.stderr)
+        return EXIT_STOPPED
     return 0
 
 

@@ -232,12 +232,29 @@ class ModelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Verified checkpoints under ``<results_folder>/checkpoints`` (and ``first_stage/checkpoints``)."""
+
+    resume: str = "auto"
+    """``auto``: the newest checkpoint that verifies; ``never``: start fresh; or a checkpoint folder."""
+    every: int | None = None
+    """Save every N steps (null: every ``trainer.save_and_sample_every``); always at the end."""
+    keep_last: int = 3
+    """Committed checkpoints kept (at least 2; deleted only after a newer one is committed)."""
+    keep_every: int | None = None
+    """Also keep every checkpoint whose step is a multiple of this."""
+    probe_tolerance: float = 1e-3
+    """Relative tolerance of the probe loss when device type or dtype changed since the save."""
+
+
+@dataclass
 class Config:
     """Everything one run needs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def results_folder(self) -> Path:
@@ -462,6 +479,15 @@ def validate(cfg: Config) -> list[str]:
             err = _import_problem(target)
             if err:
                 problems.append(f"{key}: {err}")
+
+    ck = cfg.checkpoint
+    need(ck.resume in ("auto", "never") or bool(ck.resume), "checkpoint.resume", ck.resume,
+         "auto, never, or a checkpoint folder")
+    need(ck.every is None or ck.every >= 1, "checkpoint.every", ck.every, ">= 1, or null")
+    need(ck.keep_last >= 2, "checkpoint.keep_last", ck.keep_last,
+         ">= 2 (the newest may be the one being written when a job dies)")
+    need(ck.keep_every is None or ck.keep_every >= 1, "checkpoint.keep_every", ck.keep_every, ">= 1, or null")
+    need(0 <= ck.probe_tolerance < 1, "checkpoint.probe_tolerance", ck.probe_tolerance, "0 <= tol < 1")
 
     d = cfg.data
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")

@@ -15,3 +15,15 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """The dataset folder is missing, incomplete or unreadable."""
+
+
+class HaltError(UserError):
+    """The run stopped to protect its state (e.g. refusing to save non-finite weights)."""
+
+
+class StopRequested(Exception):
+    """A stop was requested (signal, operator); a checkpoint was committed first.
+
+    Not an error: the CLI exits with :data:`radiodiff_resume.cli.EXIT_STOPPED` and the
+    same command resumes from that checkpoint.
+    """

@@ -76,7 +76,8 @@ def build_ldm_trainer(cfg: Config, accelerator: Accelerator) -> LatentDiffusionT
         cfg.trainer, build_ldm(cfg, first_stage), train_set, val_set,
         accelerator=accelerator, results_folder=results, seed=cfg.trainer.seed,
         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-        scale_by_std=cfg.model.scale_by_std,
+        checkpoint=cfg.checkpoint, config_hash=config_hash(cfg),
+        scale_by_std=cfg.model.scale_by_std, configured_scale_factor=cfg.model.scale_factor,
     )
 
 
@@ -117,6 +118,7 @@ def ready_first_stage(
             accelerator=accelerator, results_folder=cfg.first_stage_folder(),
             seed=cfg.trainer.seed, batch_size=fs.batch_size or cfg.data.batch_size,
             num_workers=cfg.data.num_workers, export_path=ckpt,
+            checkpoint=cfg.checkpoint, config_hash=config_hash(cfg),
         )
         trainer.fit()
         accelerator.free_memory()

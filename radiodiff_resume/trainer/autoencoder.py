@@ -32,8 +32,8 @@ class AutoencoderTrainer(Trainer):
     def trainable_module(self, model: nn.Module) -> nn.Module:
         return tp.cast(AutoencoderWithLoss, model).autoencoder
 
-    def training_loss(self, batch: Batch) -> torch.Tensor:
-        return tp.cast(torch.Tensor, self.model(batch["image"], generator=self.noise))
+    def loss_with(self, module: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        return tp.cast(torch.Tensor, module(batch["image"], generator=generator))
 
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.accelerator.autocast():

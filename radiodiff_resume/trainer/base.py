@@ -19,11 +19,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from radiodiff_resume.config import LoopConfig
+from radiodiff_resume.checkpoint.checkpointer import Checkpointer
+from radiodiff_resume.checkpoint.manifest import Manifest
+from radiodiff_resume.config import CheckpointConfig, LoopConfig
 from radiodiff_resume.data.stream import BatchStream
+from radiodiff_resume.errors import StopRequested
+from radiodiff_resume.events import EventLog
 from radiodiff_resume.images import save_grid
 from radiodiff_resume.trainer.runlog import RunLog
-from radiodiff_resume.trainer.state import TrainState, derive_seed
+from radiodiff_resume.trainer.state import TrainState, capture_rng, derive_seed, restore_rng
 from radiodiff_resume.trainer.validation import ValidationResult, evaluate
 
 logger = logging.getLogger(__name__)
@@ -66,6 +70,8 @@ class Trainer:
         seed: int,
         batch_size: int,
         num_workers: int = 0,
+        checkpoint: CheckpointConfig | None = None,
+        config_hash: str = "",
     ) -> None:
         self.loop = loop
         self.accelerator = accelerator
@@ -96,17 +102,34 @@ class Trainer:
             derive_seed(seed, self.stage, "noise", rank)
         )
         self.log = RunLog(self.results_folder, accelerator, self.stage)
+        self.events = EventLog(self.results_folder / "events.jsonl", accelerator.is_main_process)
+        self.checkpointer = Checkpointer(self, checkpoint or CheckpointConfig(), config_hash, self.events)
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._loss_count = 0
+        self._stop_reason: str | None = None
+        self._flag_group = _cpu_group() if world > 1 else None
+        self._probe_batch: Batch | None = None
 
     # ----- what subclasses provide -------------------------------------------------
     def trainable_module(self, model: nn.Module) -> nn.Module:
         """The part of ``model`` that the optimizer and EMA see."""
         return model
 
-    def training_loss(self, batch: Batch) -> torch.Tensor:
-        """Loss of one micro-batch, computed through ``self.model``'s forward."""
+    def loss_with(self, module: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        """Loss of ``batch`` through ``module``'s forward, all randomness from ``generator``."""
         raise NotImplementedError
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        """Loss of one micro-batch through the prepared (DDP) module, from the noise stream."""
+        return self.loss_with(self.model, batch, self.noise)
+
+    def scale_factor_value(self) -> float | None:
+        """The latent scale a checkpoint records (None for stages without one)."""
+        return None
+
+    def resume_conflict(self, manifest: Manifest) -> str | None:
+        """Why this run must not resume from ``manifest`` given its config (None: fine)."""
+        return None
 
     def predict(self, batch: Batch) -> torch.Tensor:
         """The model's output map for ``batch`` (validation), in [-1, 1]."""
@@ -129,6 +152,7 @@ class Trainer:
 
     def fit(self) -> None:
         total = self.loop.train_num_steps
+        self.checkpointer.resume()
         self.model.train()
         self.on_fit_start()
         logger.info("%s: training steps %d..%d", self.stage, self.state.step, total)
@@ -142,7 +166,12 @@ class Trainer:
             self.state.step += 1
             bar.update(1)
             self.after_step(loss, bar)
+            if self.stop_agreed():
+                bar.close()
+                self.stop()
         bar.close()
+        if self.checkpointer.last_saved_step != self.state.step:
+            self.checkpointer.save()
         self.sync_buffers()
         self.on_fit_end()
         self.log.plot(self.results_folder / "curves.png")
@@ -183,6 +212,34 @@ class Trainer:
             bar.set_postfix(loss=f"{mean:.4g}", lr=f"{lr:.2e}")
         if step % self.loop.save_and_sample_every == 0 or step == self.loop.train_num_steps:
             self.validate_and_sample()
+        if self.checkpointer.due(step):
+            self.checkpointer.save()
+
+    # ----- stopping ----------------------------------------------------------------
+    def request_stop(self, reason: str = "requested") -> None:
+        """Ask the run to stop at the next step boundary (safe from a signal handler: sets a flag)."""
+        self._stop_reason = reason
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank asked to stop; every rank gets the same answer at the same step.
+
+        The flag travels over a CPU (gloo) group, so this never syncs the GPU stream.
+        """
+        if self._flag_group is None:
+            return self._stop_reason is not None
+        flag = torch.tensor([int(self._stop_reason is not None)], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._flag_group)
+        return bool(flag.item())
+
+    def stop(self) -> tp.NoReturn:
+        """Save (all ranks together) and raise :class:`StopRequested`."""
+        step = self.state.step
+        if self.checkpointer.last_saved_step != step:
+            self.checkpointer.save()
+        self.events.emit("stopped", stage=self.stage, step=step, reason=self._stop_reason or "another rank")
+        logger.warning("%s: stop requested (%s); checkpoint of step %d committed",
+                       self.stage, self._stop_reason or "by another rank", step)
+        raise StopRequested(f"{self.stage} stopped at step {step} ({self._stop_reason or 'another rank'})")
 
     def to_device(self, batch: Batch) -> Batch:
         return {
@@ -239,6 +296,29 @@ class Trainer:
         save_grid(path, self.sample_columns(batch))
         logger.info("%s step %d: samples written to %s", self.stage, self.state.step, path)
 
+    def probe_batch(self) -> Batch:
+        """A fixed batch (the first validation samples), the same in every run."""
+        if self._probe_batch is None:
+            n = min(self.batch_size, len(self.val_set))  # type: ignore[arg-type]
+            items = [self.val_set[i] for i in range(n)]
+            self._probe_batch = self.to_device(torch.utils.data.default_collate(items))
+        return self._probe_batch
+
+    def probe_dtype(self) -> str:
+        return {"fp16": "float16", "bf16": "bfloat16"}.get(self.accelerator.mixed_precision, "float32")
+
+    def probe_loss(self) -> torch.Tensor:
+        """Loss of the probe batch with fixed noise in eval mode: a fingerprint of the state."""
+        module = self.unwrapped
+        was_training = module.training
+        module.eval()
+        generator = torch.Generator(self.accelerator.device).manual_seed(
+            derive_seed(self.seed, self.stage, "probe"))
+        with torch.no_grad(), self.accelerator.autocast():
+            loss = self.loss_with(module, self.probe_batch(), generator).float()
+        module.train(was_training)
+        return loss
+
     def sample_generator(self) -> torch.Generator:
         """A fresh generator for samples: never touches the training noise stream."""
         return torch.Generator(self.accelerator.device).manual_seed(
@@ -250,14 +330,12 @@ class Trainer:
 
     # ----- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, tp.Any]:
-        """Every piece of training state, under named keys."""
+        """State shared by all ranks, under named keys (rank 0 saves it)."""
         state = {
             "model": self.unwrapped.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_schedule": self.lr_schedule.state_dict(),
             "train_state": self.state.state_dict(),
-            "data": self.train_stream.state_dict(),
-            "noise_rng": self.noise.get_state(),
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -270,12 +348,28 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.state.load_state_dict(state["train_state"])
-        self.train_stream.load_state_dict(state["data"])
-        self.noise.set_state(state["noise_rng"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
-        if self.accelerator.scaler is not None:
+        if self.accelerator.scaler is not None and "grad_scaler" in state:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+
+    def rank_state_dict(self) -> dict[str, tp.Any]:
+        """State of this rank only: its RNGs and its data position."""
+        return {"rng": capture_rng(), "noise_rng": self.noise.get_state(),
+                "data": self.train_stream.state_dict()}
+
+    def load_rank_state_dict(self, state: tp.Mapping[str, tp.Any], rank_specific: bool = True) -> None:
+        self.train_stream.load_state_dict(state["data"])
+        if rank_specific:
+            restore_rng(state["rng"])
+            self.noise.set_state(state["noise_rng"])
+
+
+def _cpu_group() -> tp.Any:
+    """A gloo process group for small host-side flags (the default group when it is gloo)."""
+    if torch.distributed.get_backend() == "gloo":
+        return torch.distributed.group.WORLD
+    return torch.distributed.new_group(backend="gloo")
 
 
 class _SwapEMA:

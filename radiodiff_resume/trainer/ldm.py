@@ -8,6 +8,7 @@ import typing as tp
 import torch
 from torch import nn
 
+from radiodiff_resume.checkpoint.manifest import Manifest
 from radiodiff_resume.io import save_tensors_atomic
 from radiodiff_resume.models.ldm import ConditionalLDM
 from radiodiff_resume.trainer.base import Batch, Trainer
@@ -21,9 +22,11 @@ class LatentDiffusionTrainer(Trainer):
 
     stage = "ldm"
 
-    def __init__(self, *args: tp.Any, scale_by_std: bool, **kwargs: tp.Any) -> None:
+    def __init__(self, *args: tp.Any, scale_by_std: bool, configured_scale_factor: float,
+                 **kwargs: tp.Any) -> None:
         super().__init__(*args, **kwargs)
         self.scale_by_std = scale_by_std
+        self.configured_scale_factor = configured_scale_factor
 
     @property
     def ldm(self) -> ConditionalLDM:
@@ -38,7 +41,10 @@ class LatentDiffusionTrainer(Trainer):
         A restored run (step > 0) keeps the value it was trained with.
         """
         if self.state.step > 0:
-            logger.info("ldm: keeping restored scale_factor %.6g", float(self.ldm.scale_factor))
+            logger.info(
+                "ldm: scale_factor %.6g restored from the checkpoint (the checkpoint's value wins on "
+                "resume; it is never recomputed)", float(self.ldm.scale_factor),
+            )
             return
         if not self.scale_by_std:
             logger.info("ldm: scale_factor %.6g from model.scale_factor", float(self.ldm.scale_factor))
@@ -69,8 +75,23 @@ class LatentDiffusionTrainer(Trainer):
             logger.info("ldm: final weights written to %s", folder)
         self.accelerator.wait_for_everyone()
 
-    def training_loss(self, batch: Batch) -> torch.Tensor:
-        return tp.cast(torch.Tensor, self.model(batch["image"], batch["cond"], generator=self.noise))
+    def loss_with(self, module: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
+        return tp.cast(torch.Tensor, module(batch["image"], batch["cond"], generator=generator))
+
+    def scale_factor_value(self) -> float:
+        return float(self.ldm.scale_factor)
+
+    def resume_conflict(self, manifest: Manifest) -> str | None:
+        """A fixed ``model.scale_factor`` that differs from the checkpoint's cannot be resumed."""
+        saved = manifest.scale_factor
+        if self.scale_by_std or saved is None or saved == self.configured_scale_factor:
+            return None
+        return (
+            f"model.scale_factor is {self.configured_scale_factor!r} in the config but the checkpoint "
+            f"{manifest.step} was trained with {saved!r}. On resume the checkpoint's value wins, so the "
+            f"config must agree: set model.scale_factor={saved!r} to resume, or start a new run with "
+            "checkpoint.resume=never (or another trainer.results_folder) to train with the new value."
+        )
 
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.accelerator.autocast():

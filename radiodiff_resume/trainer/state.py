@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 import typing as tp
 from dataclasses import dataclass
+
+import numpy as np
+import torch
 
 
 @dataclass
@@ -27,3 +31,30 @@ def derive_seed(seed: int, *tags: int | str) -> int:
     """A 63-bit seed for one purpose/rank, independent of every other stream of the run."""
     text = ":".join(str(t) for t in (seed, *tags))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+def capture_rng() -> dict[str, tp.Any]:
+    """Global RNG states of this process (python, numpy, torch, cuda when present)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, tp.Any] = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: tp.Mapping[str, tp.Any]) -> None:
+    """Inverse of :func:`capture_rng`; a CUDA state saved on a GPU needs a GPU to restore."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -84,7 +84,9 @@ def test_scale_factor_is_not_recomputed_when_a_later_step_is_restored(make_cfg, 
     assert resumed.state.step == 4
     assert float(resumed.ldm.scale_factor) == pytest.approx(0.123)
 
-    fresh = build_ldm_trainer(longer, Accelerator())
+    elsewhere = make_cfg("trainer.train_num_steps=4", "trainer.val_batches=0", results=tmp_path / "c")
+    write_random_first_stage(elsewhere)
+    fresh = build_ldm_trainer(elsewhere, Accelerator())
     fresh.unwrapped.load_state_dict(state["model"])
     fresh.fit()
     assert float(fresh.ldm.scale_factor) != pytest.approx(0.123), "a fresh run computes its own"

@@ -1,0 +1,1 @@
+"""Verified checkpoints: atomic commit, manifest with hashes, verification, discovery."""
