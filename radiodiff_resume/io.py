@@ -5,6 +5,7 @@ A reader never sees a half-written file under the final name, even after a crash
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -13,9 +14,17 @@ from safetensors.torch import save_file
 
 
 def fsync_dir(path: Path) -> None:
+    """Persist directory entries (new files, renames) so a crash cannot lose them.
+
+    Some network filesystems refuse fsync on a directory (EINVAL); their renames are
+    still atomic, so that refusal is not an error.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 

@@ -48,6 +48,7 @@ class Checkpointer:
         self.every = cfg.every or trainer.loop.save_and_sample_every
         self.last_saved_step: int | None = None
         self.resumed_from: Path | None = None
+        self.verified: Report | None = None
 
     # ----- saving ------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -109,13 +110,22 @@ class Checkpointer:
         self.resumed_from = path
         self.store.protected.add(path)
         self.last_saved_step = t.state.step
-        self.events.emit("resumed", stage=t.stage, step=t.state.step, path=str(path))
-        logger.info("%s: resumed from verified checkpoint %s (step %d)", t.stage, path, t.state.step)
+        levels = self.verified.summary() if self.verified else "verified on rank 0"
+        self.events.emit("resumed", stage=t.stage, step=t.state.step, path=str(path), levels=levels)
+        logger.info("%s: resumed from verified checkpoint %s (step %d; %s)", t.stage, path, t.state.step,
+                    levels)
+        if self.verified is not None and self.verified.levels["probe"].detail:
+            logger.info("%s: probe %s", t.stage, self.verified.levels["probe"].detail)
         return path
 
     def _choose(self) -> str | None:
         mode = self.cfg.resume
         t = self.trainer
+        leftovers = self.store.remove_leftovers()
+        if leftovers:
+            logger.info("%s: removed unfinished save(s) %s (the process died mid-save)",
+                        t.stage, ", ".join(leftovers))
+            self.events.emit("staging_removed", stage=t.stage, folders=leftovers)
         if mode == "never":
             if self.store.candidates():
                 logger.warning("%s: checkpoint.resume=never: starting fresh although %s holds checkpoints",
@@ -129,6 +139,7 @@ class Checkpointer:
             report = self.verify_and_load(path)
             if not report.ok:
                 raise UserError(f"checkpoint.resume={mode} does not verify:\n{report.describe()}")
+            self.verified = report
             return str(path)
         candidates = self.store.candidates()
         if not candidates:
@@ -139,6 +150,7 @@ class Checkpointer:
         for path in candidates:
             report = self.verify_and_load(path)
             if report.ok:
+                self.verified = report
                 return str(path)
             reason = report.describe()
             moved = self.store.quarantine(path, reason)

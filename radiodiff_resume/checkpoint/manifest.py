@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import typing as tp
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -107,7 +106,3 @@ def parse_step(name: str) -> int | None:
 
 def probe_from(loss: float, device_type: str, dtype: str) -> Probe:
     return Probe(loss=loss, loss_hex=float(loss).hex(), device_type=device_type, dtype=dtype)
-
-
-def files_of(manifest: Manifest) -> tp.Iterator[tuple[str, FileRecord]]:
-    yield from sorted(manifest.files.items())

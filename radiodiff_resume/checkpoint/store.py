@@ -102,6 +102,16 @@ class CheckpointStore:
                  if p.is_dir() and (step := parse_step(p.name)) is not None]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def remove_leftovers(self) -> list[str]:
+        """Delete staging folders of saves that never committed (a crash mid-save)."""
+        if not self.folder.is_dir():
+            return []
+        stale = [p for p in self.folder.iterdir()
+                 if p.is_dir() and p.name.startswith((".staging-", ".replaced-"))]
+        for path in stale:
+            shutil.rmtree(path)
+        return [p.name for p in stale]
+
     # ----- writing -----------------------------------------------------------------
     def save(
         self,

@@ -48,6 +48,11 @@ class Report:
     def failure(self) -> Level | None:
         return next((lv for lv in self.levels.values() if lv.ok is False), None)
 
+    def summary(self) -> str:
+        """One line: each level and whether it passed."""
+        return ", ".join(f"{lv.name} {'ok' if lv.ok else 'FAILED' if lv.ok is False else '-'}"
+                         for lv in self.levels.values())
+
     def describe(self) -> str:
         marks = {True: "ok", False: "FAILED", None: "not checked"}
         lines = [f"{self.path}:"]

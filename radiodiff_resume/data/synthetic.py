@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from radiodiff_resume.errors import ConfigError, DataError
+from radiodiff_resume.io import fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -119,20 +120,6 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    """Persist directory entries (new files, renames) so a crash cannot lose them."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms or filesystems without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories; nothing more to do
-        pass
-    finally:
-        os.close(fd)
-
-
 def generate(root: Path, num_maps: int, tx_per_map: int, seed: int, size: int = 256) -> None:
     """Write ``num_maps`` maps with ``tx_per_map`` transmitters each into ``root``.
 
@@ -171,7 +158,7 @@ def generate(root: Path, num_maps: int, tx_per_map: int, seed: int, size: int = 
             _save_png(antenna, antenna_dir / f"{m}_{tx}.png")
             _save_png(radio_map(buildings, pos), gain_dir / f"{m}_{tx}.png")
     for folder in (building_dir, antenna_dir, gain_dir, root / "png", root / "gain", root):
-        _fsync_dir(folder)
+        fsync_dir(folder)
 
 
 def _remove(path: Path) -> None:
@@ -224,7 +211,7 @@ def ensure_synthetic(
             f.write(f"seed={seed} num_maps={num_maps} tx_per_map={tx_per_map} size={size}\n")
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if (final.exists() or final.is_symlink()) and not (final / COMPLETE_MARKER).is_file():
             logger.info("replacing incomplete synthetic data folder %s", final)
             _move_aside(final)
@@ -240,5 +227,5 @@ def ensure_synthetic(
     finally:
         if staging.exists():
             _remove(staging)
-    _fsync_dir(cache_dir)
+    fsync_dir(cache_dir)
     return final
