@@ -90,15 +90,21 @@ class Checkpointer:
         """Restore the newest verified checkpoint (or the one named); None when starting fresh."""
         t = self.trainer
         acc = t.accelerator
-        outcome: list[tp.Any] = [None, None]  # [chosen path or None, error message or None]
+        # [chosen path or None, error message or None]; rank 0 decides, every rank learns the outcome
+        # (also of a failure), so no rank is left waiting in a collective.
+        outcome: list[tp.Any] = [None, None]
+        failure: Exception | None = None
         if acc.is_main_process:
             try:
                 outcome[0] = self._choose()
-            except UserError as exc:
-                outcome[1] = str(exc)
+            except Exception as exc:  # re-raised below on every rank
+                failure = exc
+                outcome[1] = str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {exc!r}"
         if acc.num_processes > 1:
             broadcast_object_list(outcome, from_process=0)
         chosen, error = outcome
+        if failure is not None:
+            raise failure
         if error is not None:
             raise UserError(error)
         if chosen is None:

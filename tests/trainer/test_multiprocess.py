@@ -51,3 +51,28 @@ def test_two_processes_end_with_equal_weights(tmp_path: Path, synth_cache: Path)
     assert ranks[0]["ema"] == ranks[1]["ema"]
     assert ranks[0]["scale_factor"] == ranks[1]["scale_factor"] != 1.0
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_skip_a_corrupt_checkpoint_together(tmp_path: Path, synth_cache: Path) -> None:
+    """Rank 0 quarantines the corrupt newest checkpoint; both ranks resume from the older one."""
+    raw = tiny_raw(tmp_path / "run", synth_cache)
+    raw["model"]["first_stage"]["train_if_missing"] = True
+    raw["trainer"].update(train_num_steps=10, val_batches=0, save_and_sample_every=10)
+    raw["checkpoint"] = {"every": 5}
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    entry = [str(REPO / "train_cond_ldm.py"), "--cfg", str(cfg)]
+    assert accelerate_launch(*entry).returncode == 0
+    weights = tmp_path / "run" / "checkpoints" / "step-00000010" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+
+    proc = accelerate_launch(*entry, "trainer.train_num_steps=12")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    quarantined = [e for e in events if e["event"] == "checkpoint_quarantined"]
+    assert len(quarantined) == 1 and "sha256 mismatch" in quarantined[0]["reason"]
+    assert [e["step"] for e in events if e["event"] == "resumed"] == [5]
+    assert (tmp_path / "run" / "checkpoints" / "step-00000012" / "manifest.json").is_file()
