@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast_object_list
+from safetensors import SafetensorError
 
+from radiodiff_resume.checkpoint.codec import CodecError
 from radiodiff_resume.checkpoint.manifest import Manifest, Probe, probe_from
 from radiodiff_resume.checkpoint.store import CheckpointStore, rank_component, read_component
 from radiodiff_resume.checkpoint.verify import (
@@ -114,7 +116,7 @@ class Checkpointer:
             t.load_state_dict(read_shared(path))
         self._load_rank_state(path)
         self.resumed_from = path
-        self.store.protected.add(path)
+        self.store.protected.add(path.resolve())
         self.last_saved_step = t.state.step
         levels = self.verified.summary() if self.verified else "verified on rank 0"
         self.events.emit("resumed", stage=t.stage, step=t.state.step, path=str(path), levels=levels)
@@ -134,8 +136,10 @@ class Checkpointer:
             self.events.emit("staging_removed", stage=t.stage, folders=leftovers)
         if mode == "never":
             if self.store.candidates():
-                logger.warning("%s: checkpoint.resume=never: starting fresh although %s holds checkpoints",
-                               t.stage, self.store.folder)
+                moved = self.store.set_aside()
+                logger.warning("%s: checkpoint.resume=never: the previous run's checkpoints were moved to "
+                               "%s, starting fresh", t.stage, moved)
+                self.events.emit("checkpoints_set_aside", stage=t.stage, to=str(moved))
             self.events.emit("fresh_start", stage=t.stage, reason="checkpoint.resume=never")
             return None
         if mode != "auto":
@@ -148,6 +152,13 @@ class Checkpointer:
             self.verified = report
             return str(path)
         candidates = self.store.candidates()
+        if not candidates and self.store.quarantined():
+            raise UserError(
+                f"{t.stage}: {self.store.folder} holds no checkpoint, only quarantined ones in "
+                f"{self.store.folder / 'quarantine'} (see their QUARANTINE_REASON.txt). Refusing to start "
+                "from scratch: pass checkpoint.resume=<folder> to use one, or checkpoint.resume=never to "
+                "start fresh deliberately."
+            )
         if not candidates:
             logger.info("%s: no checkpoint in %s, starting fresh", t.stage, self.store.folder)
             self.events.emit("fresh_start", stage=t.stage, reason="no checkpoint")
@@ -180,8 +191,8 @@ class Checkpointer:
             return report
         try:
             state = read_shared(path)
-        except (OSError, ValueError, KeyError) as exc:
-            report.set("keys", False, f"cannot read state: {exc}")
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError, CodecError) as exc:
+            report.set("keys", False, f"cannot read state: {type(exc).__name__}: {exc}")
             return report
         if not check_keys(report, state, t.unwrapped.state_dict(), t.params, t.ema is not None):
             return report

@@ -25,11 +25,22 @@ class CodecError(UserError):
 def encode(tree: tp.Any, prefix: str = "") -> tuple[tp.Any, dict[str, torch.Tensor]]:
     """Split ``tree`` into a JSON-able tree and the tensors it references."""
     tensors: dict[str, torch.Tensor] = {}
+    names: dict[int, str] = {}  # id(tensor) → name: a tensor referenced twice is stored once
+    storages: set[int] = set()
 
     def walk(node: tp.Any, path: str) -> tp.Any:
         if isinstance(node, torch.Tensor):
+            if id(node) in names:
+                return {TENSOR: names[id(node)]}
             name = path or "tensor"
-            tensors[name] = node.detach().cpu().contiguous()
+            while name in tensors:  # paths that stringify alike ({1: a, "1": b}) stay distinct
+                name += "#"
+            tensor = node.detach().cpu().contiguous()
+            if tensor.numel() and tensor.untyped_storage().data_ptr() in storages:
+                tensor = tensor.clone()  # views of one storage: safetensors wants them separate
+            storages.add(tensor.untyped_storage().data_ptr())
+            tensors[name] = tensor
+            names[id(node)] = name
             return {TENSOR: name}
         if isinstance(node, dict):
             if all(isinstance(k, str) for k in node):

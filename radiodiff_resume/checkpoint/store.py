@@ -16,11 +16,11 @@ import logging
 import os
 import shutil
 import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from accelerate import Accelerator
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
+from safetensors.torch import load_file, save_file
 
 from radiodiff_resume.checkpoint.codec import decode, encode
 from radiodiff_resume.checkpoint.manifest import (
@@ -53,23 +53,31 @@ def write_durable(path: Path, data: bytes) -> FileRecord:
     return FileRecord(sha256=sha256_bytes(data), bytes=len(data))
 
 
-def write_component(folder: Path, name: str, tree: tp.Any) -> dict[str, FileRecord]:
-    """``name.json`` (structure) and, if it holds tensors, ``name.safetensors``."""
+def write_component(folder: Path, name: str, tree: tp.Any) -> list[Path]:
+    """Write and fsync ``name.json`` (structure) and, if it holds tensors, ``name.safetensors``."""
     structure, tensors = encode(tree)
-    records = {f"{name}.json": write_durable(folder / f"{name}.json",
-                                             json.dumps(structure, sort_keys=True).encode())}
+    paths = [folder / f"{name}.json"]
+    write_durable(paths[0], json.dumps(structure, sort_keys=True).encode())
     if tensors:
-        records[f"{name}.safetensors"] = write_durable(
-            folder / f"{name}.safetensors", save_tensors(tensors, metadata={"component": name})
-        )
-    return records
+        paths.append(folder / f"{name}.safetensors")
+        save_file(tensors, str(paths[1]), metadata={"component": name})
+        with paths[1].open("rb") as f:
+            os.fsync(f.fileno())
+    return paths
 
 
 def read_component(folder: Path, name: str) -> tp.Any:
     structure = json.loads((folder / f"{name}.json").read_text())
     tensor_file = folder / f"{name}.safetensors"
-    tensors = load_tensors(tensor_file.read_bytes()) if tensor_file.exists() else {}
+    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
     return decode(structure, tensors)
+
+
+def hash_files(paths: tp.Sequence[Path]) -> dict[str, FileRecord]:
+    """SHA-256 and size of each file, hashed in parallel threads (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(4, len(paths) or 1)) as pool:
+        digests = list(pool.map(sha256_file, paths))
+    return {p.name: FileRecord(sha256=d, bytes=p.stat().st_size) for p, d in zip(paths, digests, strict=True)}
 
 
 class CheckpointStore:
@@ -102,15 +110,40 @@ class CheckpointStore:
                  if p.is_dir() and (step := parse_step(p.name)) is not None]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def quarantined(self) -> list[Path]:
+        folder = self.folder / QUARANTINE
+        return sorted(folder.iterdir()) if folder.is_dir() else []
+
     def remove_leftovers(self) -> list[str]:
-        """Delete staging folders of saves that never committed (a crash mid-save)."""
+        """Clean up after a crash mid-save: uncommitted staging folders go; a checkpoint that a
+        re-save had moved aside (``.replaced-step-N``) goes back if ``step-N`` is missing."""
         if not self.folder.is_dir():
             return []
-        stale = [p for p in self.folder.iterdir()
-                 if p.is_dir() and p.name.startswith((".staging-", ".replaced-"))]
-        for path in stale:
-            shutil.rmtree(path)
-        return [p.name for p in stale]
+        handled = []
+        for path in sorted(self.folder.iterdir()):
+            if not path.is_dir():
+                continue
+            if path.name.startswith(".replaced-"):
+                original = self.folder / path.name.removeprefix(".replaced-")
+                if original.exists():
+                    shutil.rmtree(path)
+                else:
+                    os.replace(path, original)
+                handled.append(path.name)
+            elif path.name.startswith(".staging-"):
+                shutil.rmtree(path)
+                handled.append(path.name)
+        return handled
+
+    def set_aside(self) -> Path:
+        """Move every ``step-*`` folder into ``previous-<time>/`` (a deliberate fresh start)."""
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        target = self.folder / f"previous-{stamp}"
+        target.mkdir()
+        for path in self.candidates():
+            os.replace(path, target / path.name)
+        fsync_dir(self.folder)
+        return target
 
     # ----- writing -----------------------------------------------------------------
     def save(
@@ -132,13 +165,9 @@ class CheckpointStore:
         write_component(staging, rank_component(acc.process_index), own)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            records: dict[str, FileRecord] = {}
             for name, tree in shared.items():
-                records.update(write_component(staging, name, tree))
-            for path in sorted(staging.iterdir()):
-                if path.name not in records:
-                    records[path.name] = FileRecord(sha256=sha256_file(path), bytes=path.stat().st_size)
-            manifest.files = records
+                write_component(staging, name, tree)
+            manifest.files = hash_files(sorted(staging.iterdir()))
             manifest.world_size = acc.num_processes
             manifest.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
             manifest.versions = library_versions()
@@ -169,7 +198,7 @@ class CheckpointStore:
         removed = []
         for path in self.committed()[keep:]:
             step = parse_step(path.name)
-            if path in self.protected or (self.keep_every and step and step % self.keep_every == 0):
+            if path.resolve() in self.protected or (self.keep_every and step and step % self.keep_every == 0):
                 continue
             shutil.rmtree(path)
             removed.append(path)

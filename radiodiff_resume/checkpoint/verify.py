@@ -104,12 +104,15 @@ def diff_tensors(
         out.append(f"{what}: missing {len(missing)} key(s): {_few(missing)}")
     if unexpected:
         out.append(f"{what}: unexpected {len(unexpected)} key(s): {_few(unexpected)}")
+    mismatched = []
     for k in sorted(set(saved) & set(live)):
         s, v = saved[k], live[k]
         if tuple(s.shape) != tuple(v.shape):
-            out.append(f"{what}: {k} shape {tuple(s.shape)} in checkpoint, {tuple(v.shape)} in model")
+            mismatched.append(f"{k} shape {tuple(s.shape)} in checkpoint, {tuple(v.shape)} in model")
         elif s.dtype != v.dtype:
-            out.append(f"{what}: {k} dtype {s.dtype} in checkpoint, {v.dtype} in model")
+            mismatched.append(f"{k} dtype {s.dtype} in checkpoint, {v.dtype} in model")
+    if mismatched:
+        out.append(f"{what}: {len(mismatched)} mismatch(es): {_few(mismatched, 3)}")
     return out
 
 

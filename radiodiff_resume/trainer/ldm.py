@@ -84,7 +84,8 @@ class LatentDiffusionTrainer(Trainer):
     def resume_conflict(self, manifest: Manifest) -> str | None:
         """A fixed ``model.scale_factor`` that differs from the checkpoint's cannot be resumed."""
         saved = manifest.scale_factor
-        if self.scale_by_std or saved is None or saved == self.configured_scale_factor:
+        configured = torch.tensor(self.configured_scale_factor, dtype=self.ldm.scale_factor.dtype).item()
+        if self.scale_by_std or saved is None or saved == configured:
             return None
         return (
             f"model.scale_factor is {self.configured_scale_factor!r} in the config but the checkpoint "

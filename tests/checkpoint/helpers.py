@@ -1,0 +1,85 @@
+"""Helpers for the checkpoint tests: building trainers and corrupting real checkpoint folders on disk."""
+
+from __future__ import annotations
+
+import json
+import typing as tp
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+
+from radiodiff_resume.checkpoint.manifest import MANIFEST, sha256_file
+from radiodiff_resume.config import Config
+from radiodiff_resume.run import build_ldm_trainer
+from radiodiff_resume.trainer.ldm import LatentDiffusionTrainer
+
+STEP2, STEP4 = "step-00000002", "step-00000004"
+
+GOLDEN = ("trainer.train_num_steps=4", "trainer.val_batches=0", "checkpoint.every=2",
+          "trainer.num_sample_images=1")
+"""Overrides of the golden run: 4 steps, checkpoints committed at steps 2 and 4."""
+
+FAST = ("trainer.val_batches=0", "trainer.num_sample_images=1")
+
+
+def build(cfg: Config) -> LatentDiffusionTrainer:
+    return build_ldm_trainer(cfg, Accelerator())
+
+
+def committed(results: Path) -> list[str]:
+    """Names of the ``step-*`` folders in ``results/checkpoints``, sorted."""
+    folder = results / "checkpoints"
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative path → digest)."""
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_manifest(ckpt: Path) -> dict[str, tp.Any]:
+    return tp.cast(dict[str, tp.Any], json.loads((ckpt / MANIFEST).read_text()))
+
+
+def write_manifest(ckpt: Path, raw: tp.Mapping[str, tp.Any]) -> None:
+    (ckpt / MANIFEST).write_text(json.dumps(raw, indent=1, sort_keys=True))
+
+
+def reseal(ckpt: Path, name: str) -> None:
+    """Update the manifest record of ``name`` to its current content (a consistent forgery)."""
+    raw = read_manifest(ckpt)
+    assert name in raw["files"], name
+    raw["files"][name] = {"sha256": sha256_file(ckpt / name), "bytes": (ckpt / name).stat().st_size}
+    write_manifest(ckpt, raw)
+
+
+def rewrite_tensors(ckpt: Path, component: str, change: tp.Callable[[dict[str, torch.Tensor]], None]) -> None:
+    """Load ``component.safetensors``, let ``change`` edit the tensors in place, save, reseal the manifest."""
+    path = ckpt / f"{component}.safetensors"
+    tensors = load_file(str(path))
+    before = sha256_file(path)
+    change(tensors)
+    save_file(tensors, str(path), metadata={"component": component})
+    assert sha256_file(path) != before, "the change must alter the file"
+    reseal(ckpt, path.name)
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def events(results: Path, name: str) -> list[dict[str, tp.Any]]:
+    path = results / "events.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["event"] == name]

@@ -1,0 +1,268 @@
+"""Discovery on resume: the newest verified checkpoint wins, failing ones are quarantined."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import typing as tp
+from pathlib import Path
+
+import pytest
+import torch
+
+from radiodiff_resume.checkpoint.checkpointer import read_shared, tensor_equal_trees
+from radiodiff_resume.checkpoint.store import read_component
+from radiodiff_resume.config import Config
+from radiodiff_resume.errors import UserError
+from tests.checkpoint.helpers import (
+    STEP2,
+    STEP4,
+    build,
+    committed,
+    events,
+    hashes,
+    reseal,
+    rewrite_tensors,
+    truncate,
+)
+from tests.conftest import write_random_first_stage
+
+
+def quarantined(results: Path) -> list[Path]:
+    folder = results / "checkpoints" / "quarantine"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def nudge(ckpt: Path) -> None:
+    def change(t: dict[str, torch.Tensor]) -> None:
+        t["unet.conv_in.weight"].view(-1)[0] += 1e-3
+
+    rewrite_tensors(ckpt, "model", change)
+
+
+def nan(ckpt: Path) -> None:
+    def change(t: dict[str, torch.Tensor]) -> None:
+        t["cond_encoder.net.0.weight"].view(-1)[0] = math.nan
+
+    rewrite_tensors(ckpt, "model", change)
+
+
+def assert_holds(trainer: tp.Any, ckpt: Path) -> None:
+    """The trainer's shared and rank state are exactly those stored in ``ckpt``."""
+    assert tensor_equal_trees(trainer.state_dict(), read_shared(ckpt))
+    assert trainer.train_stream.state_dict() == read_component(ckpt, "rank-00000")["data"]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "level", "why"),
+    [
+        (lambda c: truncate(c / "model.safetensors"), "structure", "model.safetensors has"),
+        (nan, "finite", "model.cond_encoder.net.0.weight"),
+        (nudge, "probe", "differ from those saved"),
+    ],
+    ids=["truncated", "nan", "probe"],
+)
+def test_corrupted_newest_is_quarantined_and_the_older_is_resumed(
+    corrupt: tp.Callable[[Path], None], level: str, why: str, run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    ckdir = run / "checkpoints"
+    corrupt(ckdir / STEP4)
+    bad_files = hashes(ckdir / STEP4)
+    trainer = build(run_cfg())
+
+    chosen = trainer.checkpointer.resume()
+
+    assert chosen == ckdir / STEP2
+    assert trainer.state.step == 2
+    assert_holds(trainer, ckdir / STEP2)
+    assert committed(run) == [STEP2]
+    [moved] = quarantined(run)
+    assert moved.name.startswith(f"{STEP4}-")
+    reason = (moved / "QUARANTINE_REASON.txt").read_text()
+    assert f"{level:<13} FAILED" in reason and why in reason, reason
+    assert {k: v for k, v in hashes(moved).items() if k != "QUARANTINE_REASON.txt"} == bad_files
+    [event] = events(run, "checkpoint_quarantined")
+    assert event["path"] == str(ckdir / STEP4)
+    assert event["to"] == str(moved)
+    assert event["reason"] + "\n" == reason
+    [resumed] = events(run, "resumed")
+    assert (resumed["step"], resumed["path"]) == (2, str(ckdir / STEP2))
+    assert events(run, "fresh_start") == []
+    assert trainer.checkpointer.resumed_from == ckdir / STEP2
+    assert ckdir / STEP2 in trainer.checkpointer.store.protected
+
+
+def test_step_folder_without_manifest_is_quarantined(run: Path, run_cfg: tp.Callable[..., Config]) -> None:
+    ckdir = run / "checkpoints"
+    (ckdir / STEP4 / "manifest.json").unlink()  # as if the job died before the manifest was written
+    trainer = build(run_cfg())
+    assert trainer.checkpointer.resume() == ckdir / STEP2
+    assert trainer.state.step == 2
+    [moved] = quarantined(run)
+    assert moved.name.startswith(f"{STEP4}-")
+    assert "manifest.json missing (the save never committed)" in (moved / "QUARANTINE_REASON.txt").read_text()
+    assert len(events(run, "checkpoint_quarantined")) == 1
+
+
+def test_all_corrupted_is_an_error_and_nothing_starts(run: Path, run_cfg: tp.Callable[..., Config]) -> None:
+    ckdir = run / "checkpoints"
+    nudge(ckdir / STEP4)
+    truncate(ckdir / STEP2 / "optimizer.safetensors")
+    trainer = build(run_cfg("trainer.train_num_steps=6"))
+
+    with pytest.raises(UserError) as info:
+        trainer.fit()
+
+    message = str(info.value)
+    assert "none verifies" in message
+    assert "checkpoint.resume=never" in message
+    assert f"{STEP4}: probe" in message and f"{STEP2}: structure" in message
+    assert str(ckdir / "quarantine") in message
+    assert committed(run) == []
+    assert [p.name.rsplit("-", 1)[0] for p in quarantined(run)] == [STEP2, STEP4]
+    assert len(events(run, "checkpoint_quarantined")) == 2
+    for name in ("fresh_start", "resumed", "checkpoint_saved"):
+        assert events(run, name) == [], name
+    assert not (run / "samples").exists() and not (run / "final").exists()
+    assert not (run / "metrics.jsonl").exists() or "loss" not in (run / "metrics.jsonl").read_text()
+
+
+def test_rerun_after_everything_was_quarantined_still_refuses_to_start_fresh(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    ckdir = run / "checkpoints"
+    truncate(ckdir / STEP4 / "model.safetensors")
+    truncate(ckdir / STEP2 / "model.safetensors")
+    with pytest.raises(UserError, match="none verifies"):
+        build(run_cfg()).checkpointer.resume()
+    assert len(quarantined(run)) == 2
+
+    again = build(run_cfg())
+    with pytest.raises(UserError):
+        again.checkpointer.resume()
+    assert events(run, "fresh_start") == []
+
+
+def test_no_checkpoints_is_a_fresh_start(make_cfg: tp.Callable[..., Config], tmp_path: Path) -> None:
+    cfg = make_cfg("trainer.val_batches=0", results=tmp_path / "empty")
+    write_random_first_stage(cfg)
+    staging = cfg.results_folder / "checkpoints" / ".staging-step-00000002"
+    staging.mkdir(parents=True)  # an uncommitted leftover is not a checkpoint (and is removed)
+    trainer = build(cfg)
+
+    assert trainer.checkpointer.resume() is None
+
+    assert trainer.state.step == 0
+    assert [e["reason"] for e in events(cfg.results_folder, "fresh_start")] == ["no checkpoint"]
+    assert trainer.checkpointer.resumed_from is None
+    assert not staging.exists()
+
+
+def test_resume_never_sets_existing_checkpoints_aside(run: Path, run_cfg: tp.Callable[..., Config]) -> None:
+    before = hashes(run / "checkpoints")
+    trainer = build(run_cfg("checkpoint.resume=never"))
+
+    assert trainer.checkpointer.resume() is None
+
+    assert trainer.state.step == 0
+    assert [e["reason"] for e in events(run, "fresh_start")] == ["checkpoint.resume=never"]
+    assert committed(run) == []
+    (aside,) = [e["to"] for e in events(run, "checkpoints_set_aside")]
+    after = {f"{Path(aside).name}/{k}": v for k, v in before.items()}
+    assert hashes(run / "checkpoints") == after, "nothing lost: the old run's files are kept, unchanged"
+    assert quarantined(run) == []
+
+
+def test_resume_from_a_named_checkpoint_loads_exactly_that_one(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    ckdir = run / "checkpoints"
+    trainer = build(run_cfg(f"checkpoint.resume={ckdir / STEP2}"))
+
+    assert trainer.checkpointer.resume() == ckdir / STEP2
+
+    assert trainer.state.step == 2
+    assert_holds(trainer, ckdir / STEP2)
+    assert committed(run) == [STEP2, STEP4]
+    [resumed] = events(run, "resumed")
+    assert resumed["path"] == str(ckdir / STEP2)
+
+
+def test_a_named_checkpoint_that_fails_is_an_error_and_is_not_quarantined(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    ckdir = run / "checkpoints"
+    truncate(ckdir / STEP2 / "model.safetensors")
+    before = hashes(ckdir)
+    trainer = build(run_cfg(f"checkpoint.resume={ckdir / STEP2}"))
+
+    with pytest.raises(UserError) as info:
+        trainer.checkpointer.resume()
+
+    message = str(info.value)
+    assert f"checkpoint.resume={ckdir / STEP2} does not verify" in message
+    assert "structure     FAILED" in message and "model.safetensors has" in message
+    assert hashes(ckdir) == before, "a named checkpoint is never moved or changed"
+    assert quarantined(run) == [] and events(run, "checkpoint_quarantined") == []
+    assert trainer.state.step == 0, "no fallback to another checkpoint"
+
+    missing = build(run_cfg(f"checkpoint.resume={ckdir / 'step-00000099'}"))
+    with pytest.raises(UserError, match="no such checkpoint folder"):
+        missing.checkpointer.resume()
+
+
+def test_leftover_staging_folder_is_not_a_checkpoint_and_is_removed(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    ckdir = run / "checkpoints"
+    staging = ckdir / ".staging-step-00000006"  # a save of step 6 killed before its manifest
+    shutil.copytree(ckdir / STEP4, staging)
+    (staging / "manifest.json").unlink()
+    truncate(staging / "model.safetensors")
+    (staging / "partial.bin").write_bytes(b"half a write")
+    trainer = build(run_cfg("trainer.train_num_steps=6"))
+
+    assert trainer.checkpointer.resume() == ckdir / STEP4
+
+    assert trainer.state.step == 4
+    assert not staging.exists()
+    [removed] = events(run, "staging_removed")
+    assert removed["folders"] == [staging.name]
+    assert quarantined(run) == [] and events(run, "checkpoint_quarantined") == []
+    assert committed(run) == [STEP2, STEP4]
+
+
+def test_kill_between_the_two_renames_of_a_resave_keeps_that_step(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    ckdir = run / "checkpoints"
+    shutil.copytree(ckdir / STEP4, ckdir / f".staging-{STEP4}")  # the complete new save, manifest written
+    (ckdir / STEP4).rename(ckdir / f".replaced-{STEP4}")  # first rename of _commit done, second not
+    trainer = build(run_cfg())
+    assert trainer.checkpointer.resume() == ckdir / STEP4
+    assert trainer.state.step == 4
+
+
+def unreadable_safetensors(ckpt: Path) -> None:
+    (ckpt / "model.safetensors").write_bytes(b"\xff" * 64)
+    reseal(ckpt, "model.safetensors")
+
+
+def dangling_tensor_reference(ckpt: Path) -> None:
+    structure = json.loads((ckpt / "model.json").read_text())
+    structure["unet.extra"] = {"__tensor__": "unet.extra"}
+    (ckpt / "model.json").write_text(json.dumps(structure, sort_keys=True))
+    reseal(ckpt, "model.json")
+
+
+@pytest.mark.parametrize("corrupt", [unreadable_safetensors, dangling_tensor_reference],
+                         ids=["unreadable-safetensors", "dangling-tensor-reference"])
+def test_consistent_but_unreadable_newest_is_quarantined(
+    corrupt: tp.Callable[[Path], None], run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    ckdir = run / "checkpoints"
+    corrupt(ckdir / STEP4)
+    trainer = build(run_cfg())
+    assert trainer.checkpointer.resume() == ckdir / STEP2
+    assert [p.name.rsplit("-", 1)[0] for p in quarantined(run)] == [STEP4]

@@ -1,0 +1,186 @@
+"""Commit, retention, refusal of poisoned state and stop requests, on real saves."""
+
+from __future__ import annotations
+
+import math
+import os
+import typing as tp
+from pathlib import Path
+
+import pytest
+import torch
+
+from radiodiff_resume.checkpoint.codec import CodecError
+from radiodiff_resume.config import Config
+from radiodiff_resume.errors import ConfigError, HaltError, StopRequested, UserError
+from tests.checkpoint.helpers import FAST, STEP2, STEP4, build, committed, events, hashes
+from tests.conftest import write_random_first_stage
+
+
+def steps(results: Path) -> list[int]:
+    return [int(name[5:]) for name in committed(results)]
+
+
+@pytest.mark.parametrize(
+    ("keep_every", "expected"),
+    [
+        (None, [[1], [1, 2], [2, 3], [3, 4], [4, 5]]),
+        (2, [[1], [1, 2], [2, 3], [2, 3, 4], [2, 4, 5]]),
+    ],
+    ids=["keep_last=2", "keep_last=2,keep_every=2"],
+)
+def test_retention_keeps_the_newest_and_the_multiples(
+    keep_every: int | None, expected: list[list[int]], make_cfg: tp.Callable[..., Config], tmp_path: Path
+) -> None:
+    cfg = make_cfg(*FAST, "checkpoint.keep_last=2", f"checkpoint.keep_every={keep_every or 'null'}",
+                   results=tmp_path / "r")
+    write_random_first_stage(cfg)
+    trainer = build(cfg)
+    assert trainer.checkpointer.resume() is None
+    seen = []
+    for step in range(1, 6):
+        trainer.state.step = step
+        path = trainer.checkpointer.save()
+        assert path.is_dir() and (path / "manifest.json").is_file()
+        seen.append(steps(cfg.results_folder))
+    assert seen == expected
+    assert [e["step"] for e in events(cfg.results_folder, "checkpoint_saved")] == [1, 2, 3, 4, 5]
+
+
+def test_retention_runs_only_after_a_commit(run: Path, run_cfg: tp.Callable[..., Config]) -> None:
+    """A save failing mid-way deletes nothing; the next successful one prunes and replaces the leftover."""
+    ckdir = run / "checkpoints"
+    first = build(run_cfg())  # keep_last=3
+    assert first.checkpointer.resume() == ckdir / STEP4
+    first.state.step = 5
+    first.checkpointer.save()
+    assert steps(run) == [2, 4, 5]
+
+    trainer = build(run_cfg("checkpoint.keep_last=2"))  # restarted with a lower keep_last
+    assert trainer.checkpointer.resume() == ckdir / "step-00000005"
+    before = hashes(ckdir)
+    trainer.state.step = 6
+    group = trainer.optimizer.param_groups[0]
+    group["note"] = object()  # state the codec refuses: the save fails after its staging folder was begun
+
+    with pytest.raises(CodecError, match="'param_groups/0/note'"):
+        trainer.checkpointer.save()
+
+    assert steps(run) == [2, 4, 5], "nothing may be pruned before the new checkpoint is committed"
+    assert {k: v for k, v in hashes(ckdir).items() if not k.startswith(".staging-")} == before
+    staging = ckdir / ".staging-step-00000006"
+    assert staging.is_dir() and not (staging / "manifest.json").exists()
+    assert [e["step"] for e in events(run, "checkpoint_saved")] == [5]
+
+    del group["note"]
+    trainer.checkpointer.save()
+
+    assert steps(run) == [5, 6]
+    assert not staging.exists()
+    assert sorted(p.name for p in ckdir.iterdir()) == ["step-00000005", "step-00000006"]
+    report = build(run_cfg("checkpoint.keep_last=2")).checkpointer.verify_and_load(ckdir / "step-00000006")
+    assert report.ok, report.describe()
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [
+        False,
+        True,
+    ],
+    ids=["absolute-path", "relative-path"],
+)
+def test_the_checkpoint_resumed_from_is_never_pruned(
+    relative: bool, run: Path, run_cfg: tp.Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckdir = run / "checkpoints"
+    named = ckdir / STEP2
+    if relative:
+        monkeypatch.chdir(run)
+        named = Path(os.path.relpath(named, run))
+    trainer = build(run_cfg("checkpoint.keep_last=2", f"checkpoint.resume={named}"))
+    assert trainer.checkpointer.resume() == named
+    assert trainer.state.step == 2
+    assert named.resolve() in trainer.checkpointer.store.protected
+    protected = hashes(ckdir / STEP2)
+
+    for step in (5, 6):
+        trainer.state.step = step
+        trainer.checkpointer.save()
+
+    assert steps(run) == [2, 5, 6]
+    assert hashes(ckdir / STEP2) == protected
+
+
+def test_resume_never_keeps_the_new_runs_checkpoints(run: Path, run_cfg: tp.Callable[..., Config]) -> None:
+    trainer = build(run_cfg("checkpoint.resume=never", "checkpoint.keep_last=2", "trainer.train_num_steps=1"))
+    trainer.fit()
+    assert trainer.state.step == 1
+    assert [e["step"] for e in events(run, "checkpoint_saved")] == [1]
+    assert "step-00000001" in committed(run)
+
+
+@pytest.mark.parametrize("override", ["checkpoint.keep_last=1", "checkpoint.keep_last=0",
+                                      "checkpoint.keep_last=-2"])
+def test_config_rejects_keeping_fewer_than_two(override: str, make_cfg: tp.Callable[..., Config]) -> None:
+    with pytest.raises(ConfigError, match=r"checkpoint\.keep_last: got -?\d+; allowed: >= 2"):
+        make_cfg(override)
+
+
+@pytest.mark.parametrize("override", ["checkpoint.keep_every=0", "checkpoint.every=0"])
+def test_config_rejects_zero_intervals(override: str, make_cfg: tp.Callable[..., Config]) -> None:
+    with pytest.raises(ConfigError, match=override.split("=")[0].replace(".", r"\.") + ": got 0"):
+        make_cfg(override)
+
+
+def test_poisoned_state_is_refused_and_earlier_checkpoints_stay_good(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    ckdir = run / "checkpoints"
+    trainer = build(run_cfg())
+    assert trainer.checkpointer.resume() == ckdir / STEP4
+    before = hashes(ckdir)
+    trainer.state.step = 5
+    with torch.no_grad():
+        trainer.ldm.unet.conv_in.weight.fill_(math.nan)
+
+    with pytest.raises(HaltError) as info:
+        trainer.checkpointer.save()
+
+    message = str(info.value)
+    assert isinstance(info.value, UserError)
+    assert "refusing to save step 5" in message and "model.unet.conv_in.weight" in message
+    assert "non-finite values in 1 tensor(s)" in message
+    [refused] = events(run, "save_refused")
+    assert (refused["step"], refused["nonfinite"]) == (5, ["model.unet.conv_in.weight"])
+    assert events(run, "checkpoint_saved") == []
+    assert hashes(ckdir) == before, "nothing written, nothing pruned"
+    assert sorted(p.name for p in ckdir.iterdir()) == [STEP2, STEP4]
+    for name in (STEP4, STEP2):
+        report = trainer.checkpointer.verify_and_load(ckdir / name)
+        assert report.ok, report.describe()
+
+
+def test_stop_request_saves_the_current_step_and_raises(
+    make_cfg: tp.Callable[..., Config], tmp_path: Path
+) -> None:
+    cfg = make_cfg("trainer.train_num_steps=6", *FAST, results=tmp_path / "s")
+    write_random_first_stage(cfg)
+    trainer = build(cfg)
+    trainer.request_stop("test")
+
+    with pytest.raises(StopRequested, match=r"stopped at step 1 \(test\)"):
+        trainer.fit()
+
+    assert trainer.state.step == 1
+    assert committed(cfg.results_folder) == ["step-00000001"]
+    log = [e["event"] for e in trainer.events.read() if e["event"] in ("checkpoint_saved", "stopped")]
+    assert log == ["checkpoint_saved", "stopped"], "the checkpoint is committed before the stop is reported"
+    [stopped] = events(cfg.results_folder, "stopped")
+    assert (stopped["step"], stopped["reason"]) == (1, "test")
+    assert not (cfg.results_folder / "final").exists()
+
+    again = build(cfg)
+    assert again.checkpointer.resume() == cfg.results_folder / "checkpoints" / "step-00000001"
+    assert again.state.step == 1
+    assert again.checkpointer.verified is not None and again.checkpointer.verified.ok
