@@ -154,23 +154,32 @@ def check_keys(
     return report.set("keys", True, f"{len(live_model)} model tensors, {len(shapes)} trainable params")
 
 
-def nonfinite_names(tree: tp.Any, prefix: str = "") -> list[str]:
-    """Paths of floating tensors in ``tree`` holding NaN or Inf."""
-    found: list[str] = []
-    items: tp.Iterable[tuple[str, tp.Any]]
-    if isinstance(tree, dict):
-        items = ((str(k), v) for k, v in tree.items())
+def floating_tensors(tree: tp.Any, prefix: str = "") -> tp.Iterator[tuple[str, torch.Tensor]]:
+    """``(path, tensor)`` for every floating tensor in a nested state tree."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point():
+            yield prefix or "<tensor>", tree
+    elif isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from floating_tensors(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(tree, (list, tuple)):
-        items = ((str(i), v) for i, v in enumerate(tree))
-    elif isinstance(tree, torch.Tensor):
-        if tree.is_floating_point() and not bool(torch.isfinite(tree).all()):
-            found.append(prefix or "<tensor>")
-        return found
-    else:
-        return found
-    for k, v in items:
-        found += nonfinite_names(v, f"{prefix}.{k}" if prefix else k)
-    return found
+        for i, v in enumerate(tree):
+            yield from floating_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+def nonfinite_names(tree: tp.Any) -> list[str]:
+    """Paths of floating tensors in ``tree`` holding NaN or Inf.
+
+    Fast path: one fp32 sum per tensor (a non-finite element makes the sum non-finite)
+    and one host sync for all of them; only tensors whose sum is not finite — which
+    includes finite tensors whose sum overflows — get the exact element-wise check.
+    """
+    named = list(floating_tensors(tree))
+    if not named:
+        return []
+    sums = torch.stack([t.sum(dtype=torch.float32).to("cpu") for _, t in named])
+    suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+    return [named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())]
 
 
 def check_finite(report: Report, state: tp.Mapping[str, tp.Any]) -> bool:

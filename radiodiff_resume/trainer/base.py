@@ -33,6 +33,7 @@ from radiodiff_resume.trainer.validation import ValidationResult, evaluate
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, tp.Any]
+PROBE_SAMPLES = 2
 
 
 def warmup_cosine(loop: LoopConfig) -> tp.Callable[[int], float]:
@@ -297,9 +298,13 @@ class Trainer:
         logger.info("%s step %d: samples written to %s", self.stage, self.state.step, path)
 
     def probe_batch(self) -> Batch:
-        """A fixed batch (the first validation samples), the same in every run."""
+        """A fixed batch (the first two validation samples), the same in every run.
+
+        Two samples are enough for a fingerprint (any change in weights, statistics or
+        ``scale_factor`` moves the loss) and keep the probe cheap at save and load.
+        """
         if self._probe_batch is None:
-            n = min(self.batch_size, len(self.val_set))  # type: ignore[arg-type]
+            n = min(PROBE_SAMPLES, len(self.val_set))  # type: ignore[arg-type]
             items = [self.val_set[i] for i in range(n)]
             self._probe_batch = self.to_device(torch.utils.data.default_collate(items))
         return self._probe_batch
