@@ -6,8 +6,11 @@ file it lists has the recorded size and SHA-256.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -71,10 +74,6 @@ class Manifest:
         )
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -83,6 +82,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def hash_files(paths: tp.Sequence[Path]) -> dict[str, FileRecord]:
+    """SHA-256 and size of each file, hashed in parallel threads (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(4, len(paths) or 1)) as pool:
+        digests = list(pool.map(sha256_file, paths))
+    return {p.name: FileRecord(sha256=d, bytes=p.stat().st_size) for p, d in zip(paths, digests, strict=True)}
+
+
+@functools.cache
 def library_versions() -> dict[str, str]:
     out = {}
     for name in ("torch", "accelerate", "diffusers", "safetensors", "radiodiff-resume"):

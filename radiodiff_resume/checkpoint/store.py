@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import typing as tp
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -25,12 +24,10 @@ from safetensors.torch import load_file, save_file
 from radiodiff_resume.checkpoint.codec import decode, encode
 from radiodiff_resume.checkpoint.manifest import (
     MANIFEST,
-    FileRecord,
     Manifest,
+    hash_files,
     library_versions,
     parse_step,
-    sha256_bytes,
-    sha256_file,
     step_dirname,
 )
 from radiodiff_resume.io import fsync_dir
@@ -44,13 +41,12 @@ def rank_component(rank: int) -> str:
     return f"rank-{rank:05d}"
 
 
-def write_durable(path: Path, data: bytes) -> FileRecord:
-    """Write ``data`` to ``path`` and fsync it; return its record (hash of what was written)."""
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it."""
     with path.open("wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    return FileRecord(sha256=sha256_bytes(data), bytes=len(data))
 
 
 def write_component(folder: Path, name: str, tree: tp.Any) -> list[Path]:
@@ -71,13 +67,6 @@ def read_component(folder: Path, name: str) -> tp.Any:
     tensor_file = folder / f"{name}.safetensors"
     tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
     return decode(structure, tensors)
-
-
-def hash_files(paths: tp.Sequence[Path]) -> dict[str, FileRecord]:
-    """SHA-256 and size of each file, hashed in parallel threads (hashlib releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=min(4, len(paths) or 1)) as pool:
-        digests = list(pool.map(sha256_file, paths))
-    return {p.name: FileRecord(sha256=d, bytes=p.stat().st_size) for p, d in zip(paths, digests, strict=True)}
 
 
 class CheckpointStore:
