@@ -248,7 +248,7 @@ def read_shared(path: Path) -> dict[str, tp.Any]:
 
 
 def tensor_equal_trees(a: tp.Any, b: tp.Any) -> bool:
-    """Exact equality of two state trees (used by tests and the dry-run)."""
+    """Exact equality of two state trees (dtypes and bits): what a restore must reproduce."""
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
     if isinstance(a, dict):
