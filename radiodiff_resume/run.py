@@ -39,12 +39,18 @@ def make_accelerator(cfg: Config) -> Accelerator:
             "add --multi_gpu to start N CPU processes (gloo), e.g. "
             "accelerate launch --multi_gpu --num_processes 2 train_cond_ldm.py --cfg ..."
         )
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),
         mixed_precision=resolved_mixed_precision(cfg.trainer),
         log_with=list(cfg.trainer.log_with) or None,
         project_dir=str(cfg.results_folder),
     )
+    if accelerator.mixed_precision == "fp16" and not accelerator.native_amp:
+        logger.warning(
+            "trainer.mixed_precision=fp16 on %s: accelerate runs fp32 here (no autocast, no GradScaler); "
+            "use trainer.mixed_precision=bf16 for mixed precision on a CPU", accelerator.device.type,
+        )
+    return accelerator
 
 
 def train(cfg: Config, accelerator: Accelerator | None = None) -> LatentDiffusionTrainer:

@@ -310,6 +310,9 @@ class Trainer:
         return self._probe_batch
 
     def probe_dtype(self) -> str:
+        """The autocast dtype the probe really ran in (accelerate ignores fp16 on a CPU)."""
+        if not self.accelerator.native_amp:
+            return "float32"
         return {"fp16": "float16", "bf16": "bfloat16"}.get(self.accelerator.mixed_precision, "float32")
 
     def probe_loss(self) -> torch.Tensor:

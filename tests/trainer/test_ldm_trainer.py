@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import typing as tp
 from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from radiodiff_resume.errors import UserError
@@ -125,3 +127,32 @@ def test_first_stage_file_that_does_not_fit_names_the_keys(make_cfg, tmp_path: P
     path.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="cannot be read"):
         build_ldm_trainer(cfg, Accelerator())
+
+
+@pytest.fixture
+def fresh_accelerate_state() -> tp.Iterator[None]:
+    """Accelerate keeps one state per process; a test with another precision needs it reset."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("precision, probe_dtype", [("bf16", "bfloat16"), ("fp16", "float32")])
+def test_mixed_precision_on_cpu_records_the_dtype_really_used(
+    make_cfg, caplog: pytest.LogCaptureFixture, fresh_accelerate_state: None, precision: str,
+    probe_dtype: str,
+) -> None:
+    """bf16 autocasts on a CPU; accelerate silently runs fp16 as fp32 there, which we say."""
+    from radiodiff_resume.checkpoint.manifest import Manifest
+    from radiodiff_resume.run import make_accelerator
+
+    cfg = make_cfg("trainer.train_num_steps=2", "trainer.val_batches=0",
+                   f"trainer.mixed_precision={precision}")
+    write_random_first_stage(cfg)
+    with caplog.at_level("WARNING"):
+        trainer = build_ldm_trainer(cfg, make_accelerator(cfg))
+    assert ("accelerate runs fp32 here" in caplog.text) == (precision == "fp16")
+    trainer.fit()
+    manifest = Manifest.from_json((cfg.results_folder / "checkpoints" / "step-00000002" /
+                                   "manifest.json").read_text())
+    assert manifest.probe is not None and manifest.probe.dtype == probe_dtype
