@@ -32,13 +32,12 @@ from pathlib import Path
 import accelerate
 import safetensors
 import torch
-from safetensors.torch import save_file
 
 import radiodiff_resume.checkpoint.checkpointer as checkpointer_mod
 import radiodiff_resume.checkpoint.store as store_mod
 import radiodiff_resume.checkpoint.verify as verify_mod
-from radiodiff_resume.build import build_first_stage
-from radiodiff_resume.config import Config, load_config
+from radiodiff_resume.build import write_untrained_first_stage
+from radiodiff_resume.config import load_config
 from radiodiff_resume.run import build_ldm_trainer, make_accelerator
 from radiodiff_resume.trainer.ldm import LatentDiffusionTrainer
 
@@ -60,17 +59,6 @@ SIZES: dict[str, list[str]] = {
 
 
 # ----- the trainer ---------------------------------------------------------------------
-def write_random_first_stage(cfg: Config, seed: int = 0) -> Path:
-    """An untrained first stage where the config expects trained weights (as tests/conftest.py)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        first_stage = build_first_stage(cfg)
-    path = Path(tp.cast(str, cfg.model.first_stage.ckpt_path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in first_stage.state_dict().items()}, str(path))
-    return path
-
-
 def build_trainer(size: str, work: Path, steps: int, cache_dir: str | None) -> LatentDiffusionTrainer:
     overrides = [
         f"trainer.results_folder={work / 'run'}",
@@ -88,7 +76,7 @@ def build_trainer(size: str, work: Path, steps: int, cache_dir: str | None) -> L
     if cache_dir:
         overrides.append(f"data.synthetic.cache_dir={cache_dir}")
     cfg = load_config(CONFIG, overrides)
-    write_random_first_stage(cfg)
+    write_untrained_first_stage(cfg)
     trainer = build_ldm_trainer(cfg, make_accelerator(cfg))
     trainer.fit()  # a few real steps: the optimizer and the EMA hold state; ends with one save
     return trainer

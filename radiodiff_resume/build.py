@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -89,6 +89,21 @@ def build_first_stage(cfg: Config) -> nn.Module:
             in_channels=1, out_channels=1, sample_size=cfg.data.image_size,
         ),
     )
+
+
+def write_untrained_first_stage(cfg: Config, seed: int = 0) -> Path:
+    """Save a randomly initialised first stage at ``model.first_stage.ckpt_path``.
+
+    For smoke tests and benchmarks of the LDM stage that must not spend time on stage 1;
+    the global RNG is left as it was.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        first_stage = build_first_stage(cfg)
+    path = Path(tp.cast(str, cfg.model.first_stage.ckpt_path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in first_stage.state_dict().items()}, str(path))
+    return path
 
 
 def latent_geometry(first_stage: nn.Module, image_size: int) -> tuple[int, int, int]:

@@ -6,10 +6,8 @@ import typing as tp
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
-from radiodiff_resume.build import build_first_stage
+from radiodiff_resume.build import write_untrained_first_stage
 from radiodiff_resume.config import Config, build_config
 from radiodiff_resume.data.synthetic import ensure_synthetic
 
@@ -84,10 +82,4 @@ def make_cfg(tmp_path: Path, synth_cache: Path) -> tp.Callable[..., Config]:
 
 def write_random_first_stage(cfg: Config, seed: int = 0) -> Path:
     """An untrained first stage saved where the config expects trained weights."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        first_stage = build_first_stage(cfg)
-    path = Path(tp.cast(str, cfg.model.first_stage.ckpt_path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in first_stage.state_dict().items()}, str(path))
-    return path
+    return write_untrained_first_stage(cfg, seed)
