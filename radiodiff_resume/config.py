@@ -97,6 +97,9 @@ class TrainerConfig(LoopConfig):
     """Fixes every random choice of the run."""
     log_with: list[str] = field(default_factory=list)
     """Extra accelerate trackers (``tensorboard``, ``wandb`` ...); metrics.jsonl is always written."""
+    deterministic: bool = False
+    """Deterministic kernels (``torch.use_deterministic_algorithms``, cuDNN deterministic, no
+    benchmark, ``CUBLAS_WORKSPACE_CONFIG``): what a bit-exact resume on a GPU needs; slower there."""
 
 
 @dataclass
@@ -244,7 +247,10 @@ class CheckpointConfig:
     keep_every: int | None = None
     """Also keep every checkpoint whose step is a multiple of this."""
     probe_tolerance: float = 1e-3
-    """Relative tolerance of the probe loss when device type or dtype changed since the save."""
+    """Relative tolerance of the probe when the environment (device, kernels, library builds,
+    dtype, flags) differs from the one that saved; identical environments must match bit for bit."""
+    accept_probe_mismatch: bool = False
+    """Resume even when the probe does not reproduce (after a deliberate code change); logged."""
 
 
 @dataclass
@@ -533,3 +539,30 @@ def to_yaml(cfg: Config) -> str:
 def config_hash(cfg: Config) -> str:
     """A short digest of the resolved config, for logs and checkpoint manifests."""
     return hashlib.sha256(to_yaml(cfg).encode()).hexdigest()[:16]
+
+
+def to_dict(cfg: Config) -> dict[str, tp.Any]:
+    """The resolved config as plain data (what a checkpoint's ``config.yaml`` holds)."""
+    return tp.cast(dict[str, tp.Any], OmegaConf.to_container(OmegaConf.structured(cfg)))
+
+
+def config_changes(
+    saved: tp.Mapping[str, tp.Any], now: tp.Mapping[str, tp.Any]
+) -> list[tuple[str, tp.Any, tp.Any]]:
+    """``(dotted key, saved value, current value)`` for every leaf that differs, sorted by key.
+
+    Lists compare as whole values; a key present on one side only shows ``None`` on the other.
+    """
+    old, new = _flatten(saved), _flatten(now)
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _flatten(tree: tp.Mapping[str, tp.Any], prefix: str = "") -> dict[str, tp.Any]:
+    out: dict[str, tp.Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out

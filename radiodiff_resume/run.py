@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast_object_list, set_seed
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -25,6 +25,7 @@ from radiodiff_resume.build import (
 from radiodiff_resume.config import Config, config_hash, resolved_mixed_precision, to_yaml
 from radiodiff_resume.errors import UserError
 from radiodiff_resume.io import write_text_atomic
+from radiodiff_resume.lock import LockHeld, RunLock
 from radiodiff_resume.models.autoencoder import AutoencoderWithLoss
 from radiodiff_resume.trainer import AutoencoderTrainer, LatentDiffusionTrainer
 
@@ -33,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """One Accelerator per process; without a GPU, processes started by torchrun use gloo."""
+    if cfg.trainer.deterministic:
+        use_deterministic_kernels()
     if "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ and not torch.cuda.is_available():
         logger.warning(
             "accelerate launch --num_processes N starts ONE process on a machine without a GPU; "
@@ -53,11 +56,38 @@ def make_accelerator(cfg: Config) -> Accelerator:
     return accelerator
 
 
+def use_deterministic_kernels() -> None:
+    """What a bit-exact GPU run needs (cuBLAS reads its variable when its first handle is made)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def train(cfg: Config, accelerator: Accelerator | None = None) -> LatentDiffusionTrainer:
-    """Run the whole job; returns the finished LDM trainer."""
+    """Run the whole job, holding the results folder's lock; returns the finished LDM trainer."""
     accelerator = accelerator or make_accelerator(cfg)
-    trainer = build_ldm_trainer(cfg, accelerator)
-    trainer.fit()
+    lock = RunLock(cfg.results_folder)
+    refusal = None
+    if accelerator.is_main_process:
+        try:
+            note = lock.acquire()
+        except LockHeld as exc:
+            refusal = str(exc)
+        else:
+            if note:
+                logger.warning("run: %s", note)
+    if accelerator.num_processes > 1:
+        box = [refusal]
+        broadcast_object_list(box, from_process=0)
+        refusal = box[0]
+    if refusal is not None:
+        raise UserError(refusal)
+    try:
+        trainer = build_ldm_trainer(cfg, accelerator)
+        trainer.fit()
+    finally:
+        lock.release()
     accelerator.end_training()
     return trainer
 
@@ -82,7 +112,7 @@ def build_ldm_trainer(cfg: Config, accelerator: Accelerator) -> LatentDiffusionT
         cfg.trainer, build_ldm(cfg, first_stage), train_set, val_set,
         accelerator=accelerator, results_folder=results, seed=cfg.trainer.seed,
         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-        checkpoint=cfg.checkpoint, config_hash=config_hash(cfg),
+        checkpoint=cfg.checkpoint, config=cfg,
         scale_by_std=cfg.model.scale_by_std, configured_scale_factor=cfg.model.scale_factor,
     )
 
@@ -124,7 +154,7 @@ def ready_first_stage(
             accelerator=accelerator, results_folder=cfg.first_stage_folder(),
             seed=cfg.trainer.seed, batch_size=fs.batch_size or cfg.data.batch_size,
             num_workers=cfg.data.num_workers, export_path=ckpt,
-            checkpoint=cfg.checkpoint, config_hash=config_hash(cfg),
+            checkpoint=cfg.checkpoint, config=cfg,
         )
         trainer.fit()
         accelerator.free_memory()

@@ -1,34 +1,41 @@
 """Save and resume policy for one trainer: what to save when, which checkpoint to trust.
 
-Discovery: rank 0 tries checkpoints newest first; each must pass every verification
-level (the probe after loading). A failing one is quarantined with a reason and the
-next older is tried. If checkpoints exist but none verifies, the run stops with an
-error — it never silently starts from scratch. Rank 0 broadcasts its choice, so every
-rank resumes from the same checkpoint.
+Discovery: rank 0 tries checkpoints newest first. A checkpoint whose files are damaged
+(integrity levels) is quarantined with a reason and the next older is tried. A sound
+checkpoint that this run cannot use as configured (keys, probe, stage, format) stops the
+run with the difference and the override that accepts it — nothing is moved, because
+nothing is wrong with it. If checkpoints exist but none verifies, the run stops with an
+error; it never silently starts from scratch. Rank 0 broadcasts its choice; every rank
+then loads it, hash-checking its own reads, and all ranks agree on success.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import typing as tp
+import uuid
 from pathlib import Path
 
 import torch
-from accelerate.utils import broadcast_object_list
-from safetensors import SafetensorError
+import yaml
 
-from radiodiff_resume.checkpoint.codec import CodecError
-from radiodiff_resume.checkpoint.manifest import Manifest, Probe, probe_from
-from radiodiff_resume.checkpoint.store import CheckpointStore, rank_component, read_component
+from radiodiff_resume.checkpoint.environment import differences, fingerprint, library_versions
+from radiodiff_resume.checkpoint.files import CheckpointCorrupt, component_files
+from radiodiff_resume.checkpoint.manifest import Manifest, ManifestError, parse_step, probe_from
+from radiodiff_resume.checkpoint.store import REASON_SUFFIX, CheckpointStore, rank_component
 from radiodiff_resume.checkpoint.verify import (
+    CONFIG_FILE,
+    Checkpoint,
     Report,
     check_finite,
     check_keys,
     check_scale_factor,
-    check_structure,
     nonfinite_names,
+    open_checkpoint,
 )
-from radiodiff_resume.config import CheckpointConfig
+from radiodiff_resume.config import CheckpointConfig, config_changes
+from radiodiff_resume.dist import Ranks
 from radiodiff_resume.errors import HaltError, UserError
 from radiodiff_resume.events import EventLog
 
@@ -39,125 +46,189 @@ logger = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, trainer: Trainer, cfg: CheckpointConfig, config_hash: str, events: EventLog) -> None:
+    def __init__(self, trainer: Trainer, cfg: CheckpointConfig, events: EventLog, ranks: Ranks) -> None:
         self.trainer = trainer
         self.cfg = cfg
-        self.config_hash = config_hash
         self.events = events
+        self.ranks = ranks
         self.store = CheckpointStore(
-            trainer.results_folder / "checkpoints", trainer.accelerator, cfg.keep_last, cfg.keep_every
-        )
+            trainer.results_folder / "checkpoints", ranks, cfg.keep_last, cfg.keep_every)
         self.every = cfg.every or trainer.loop.save_and_sample_every
         self.last_saved_step: int | None = None
         self.resumed_from: Path | None = None
         self.verified: Report | None = None
+
+    @property
+    def line(self) -> str | None:
+        return self.store.line
 
     # ----- saving ------------------------------------------------------------------
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.trainer.loop.train_num_steps
 
     def save(self) -> Path:
-        """Commit a checkpoint of the current step on every rank, or refuse poisoned state."""
+        """Commit a checkpoint of the current step on every rank, or refuse poisoned state (all ranks)."""
         t = self.trainer
         step = t.state.step
         t.sync_buffers()
         shared = t.state_dict()
-        bad = nonfinite_names({k: shared[k] for k in ("model", "ema", "optimizer") if k in shared})
-        if bad:
-            self.events.emit("save_refused", stage=t.stage, step=step, nonfinite=bad[:20])
-            raise HaltError(
-                f"{t.stage}: refusing to save step {step}: non-finite values in {len(bad)} tensor(s) "
-                f"({', '.join(bad[:4])}); the previous checkpoints are untouched. Rerun to resume "
-                "from the last verified checkpoint, with a lower trainer.lr or "
-                "trainer.mixed_precision=bf16 if this repeats."
-            )
-        manifest = Manifest(
-            step=step, stage=t.stage, world_size=t.accelerator.num_processes,
-            config_hash=self.config_hash, scale_factor=t.scale_factor_value(),
-            probe=self.probe_record(),
-        )
-        path = self.store.save(step, shared, t.rank_state_dict(), manifest)
+        if self.store.line is None:
+            self.store.line = uuid.uuid4().hex
+        manifest, probe_inputs, refusal = None, None, None
+        if self.ranks.is_main:
+            refusal = self._refusal_to_save(shared)
+            if refusal is None:
+                probe_inputs = t.probe_inputs()
+                manifest, refusal = self._manifest(step, probe_inputs)
+        refusal = self.ranks.broadcast(refusal)
+        if refusal is not None:
+            raise HaltError(refusal)
+
+        def shared_files() -> dict[str, bytes]:
+            files = {CONFIG_FILE: t.config_yaml.encode()}
+            for name, tree in {**shared, "probe": probe_inputs}.items():
+                files.update(component_files(name, tree))
+            return files
+
+        def own_files() -> dict[str, bytes]:
+            return component_files(rank_component(self.ranks.rank), t.rank_state_dict())
+
+        path = self.store.save(step, shared_files, own_files, manifest)
         self.last_saved_step = step
         self.events.emit("checkpoint_saved", stage=t.stage, step=step, path=str(path))
         logger.info("%s step %d: checkpoint committed to %s", t.stage, step, path)
         return path
 
-    def probe_record(self) -> Probe:
+    def _refusal_to_save(self, shared: dict[str, tp.Any]) -> str | None:
         t = self.trainer
-        loss = t.probe_loss()
-        return probe_from(float(loss), t.accelerator.device.type, str(t.probe_dtype()))
+        step = t.state.step
+        bad = nonfinite_names({k: shared[k] for k in ("model", "ema", "optimizer") if k in shared})
+        if not bad:
+            return None
+        self.events.emit("save_refused", stage=t.stage, step=step, nonfinite=bad[:20])
+        return (
+            f"{t.stage}: refusing to save step {step}: non-finite values in {len(bad)} tensor(s) "
+            f"({', '.join(bad[:4])}); the previous checkpoints are untouched. Rerun to resume "
+            "from the last verified checkpoint, with a lower trainer.lr or "
+            "trainer.mixed_precision=bf16 if this repeats."
+        )
+
+    def _manifest(
+        self, step: int, probe_inputs: dict[str, torch.Tensor]
+    ) -> tuple[Manifest | None, str | None]:
+        t = self.trainer
+        value = float(t.probe_value(probe_inputs))
+        if not torch.isfinite(torch.tensor(value)):
+            self.events.emit("save_refused", stage=t.stage, step=step, probe=repr(value))
+            return None, (f"{t.stage}: refusing to save step {step}: the state computes a non-finite "
+                          f"probe ({value!r}) although every tensor is finite; the previous checkpoints "
+                          "are untouched")
+        probe = probe_from(value, t.probe_dtype(), fingerprint(t.accelerator.device))
+        manifest = Manifest(
+            step=step, stage=t.stage, world_size=self.ranks.world, line=tp.cast(str, self.store.line),
+            config_hash=t.config_hash, scale_factor=t.scale_factor_value(), probe=probe,
+            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            versions=library_versions(),
+        )
+        return manifest, None
 
     # ----- resuming ----------------------------------------------------------------
     def resume(self) -> Path | None:
         """Restore the newest verified checkpoint (or the one named); None when starting fresh."""
         t = self.trainer
-        acc = t.accelerator
-        # [chosen path or None, error message or None]; rank 0 decides, every rank learns the outcome
-        # (also of a failure), so no rank is left waiting in a collective.
-        outcome: list[tp.Any] = [None, None]
-        failure: Exception | None = None
-        if acc.is_main_process:
+        chosen, failure, message = None, None, None
+        if self.ranks.is_main:
             try:
-                outcome[0] = self._choose()
-            except Exception as exc:  # re-raised below on every rank
+                chosen = self._choose()
+            except Exception as exc:  # re-raised below on this rank; every other rank learns of it
                 failure = exc
-                outcome[1] = str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {exc!r}"
-        if acc.num_processes > 1:
-            broadcast_object_list(outcome, from_process=0)
-        chosen, error = outcome
+                message = str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {exc!r}"
+        line = uuid.uuid4().hex if chosen is None else chosen.manifest.line
+        path, line, records, message = self.ranks.broadcast(
+            (chosen and str(chosen.path), line, chosen and chosen.manifest.files, message))
         if failure is not None:
             raise failure
-        if error is not None:
-            raise UserError(error)
-        if chosen is None:
+        if message is not None:
+            raise UserError(message)
+        self.store.line = line
+        if path is None:
             return None
-        path = Path(chosen)
-        if not acc.is_main_process:
-            t.load_state_dict(read_shared(path))
-        self._load_rank_state(path)
-        self.resumed_from = path
-        self.store.protected.add(path.resolve())
+        self._load_everywhere(Path(path), chosen, records)
+        self.resumed_from = Path(path)
+        self.store.protected.add(Path(path).resolve())
         self.last_saved_step = t.state.step
         levels = self.verified.summary() if self.verified else "verified on rank 0"
-        self.events.emit("resumed", stage=t.stage, step=t.state.step, path=str(path), levels=levels)
+        self.events.emit("resumed", stage=t.stage, step=t.state.step, path=path, levels=levels)
         logger.info("%s: resumed from verified checkpoint %s (step %d; %s)", t.stage, path, t.state.step,
                     levels)
-        if self.verified is not None and self.verified.levels["probe"].detail:
+        if self.verified is not None:
             logger.info("%s: probe %s", t.stage, self.verified.levels["probe"].detail)
-        return path
+        return Path(path)
 
-    def _choose(self) -> str | None:
+    def _load_everywhere(self, path: Path, chosen: Checkpoint | None, records: tp.Any) -> None:
+        """Rank 0 holds ``chosen`` already; the others read it (hash-checked), then all restore their
+        own rank state; every rank learns whether any failed."""
+        t = self.trainer
+        error = None
+        try:
+            if chosen is None:
+                chosen = open_checkpoint(path, t.stage, rank=self.ranks.rank)
+                if chosen.manifest.files != records:
+                    raise CheckpointCorrupt("the checkpoint changed while it was being loaded")
+                t.load_state_dict(chosen.shared)
+            self._restore_rank(chosen)
+        except (CheckpointCorrupt, ManifestError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        failed = self.ranks.failures(error)
+        if failed:
+            raise UserError(f"{t.stage}: resuming from {path} failed on {'; '.join(failed)}; nothing "
+                            "was changed on disk. Run the same command again; if this repeats, inspect "
+                            "that folder.")
+
+    def _restore_rank(self, ckpt: Checkpoint) -> None:
+        t = self.trainer
+        was_world = ckpt.manifest.world_size
+        was_device = ckpt.manifest.probe.environment.get("device_type")
+        if was_world == self.ranks.world and was_device == t.accelerator.device.type:
+            t.load_rank_state_dict(ckpt.ranks[self.ranks.rank])
+            return
+        t.reseed_rank(ckpt.manifest.step)
+        if self.ranks.is_main:
+            why = (f"saved by {was_world} process(es), resumed by {self.ranks.world}"
+                   if was_world != self.ranks.world else f"saved on {was_device}, resumed on "
+                   f"{t.accelerator.device.type}")
+            logger.warning(
+                "%s: %s: the data position continues exactly (no sample of the epoch is skipped or "
+                "repeated), the per-rank random streams are re-derived from the seed and step, so this "
+                "resume is exact in data but not bit-exact in noise", t.stage, why)
+            self.events.emit("resharded", stage=t.stage, step=ckpt.manifest.step, reason=why)
+
+    def _choose(self) -> Checkpoint | None:
         mode = self.cfg.resume
         t = self.trainer
         leftovers = self.store.remove_leftovers()
         if leftovers:
-            logger.info("%s: removed unfinished save(s) %s (the process died mid-save)",
-                        t.stage, ", ".join(leftovers))
+            logger.info("%s: removed unfinished save(s) %s (the process died mid-save)", t.stage,
+                        ", ".join(leftovers))
             self.events.emit("staging_removed", stage=t.stage, folders=leftovers)
         if mode == "never":
             if self.store.candidates():
-                moved = self.store.set_aside()
+                moved = self.store.set_aside(self.store.candidates(),
+                                             "checkpoint.resume=never: a deliberate fresh start")
                 logger.warning("%s: checkpoint.resume=never: the previous run's checkpoints were moved to "
                                "%s, starting fresh", t.stage, moved)
                 self.events.emit("checkpoints_set_aside", stage=t.stage, to=str(moved))
             self.events.emit("fresh_start", stage=t.stage, reason="checkpoint.resume=never")
             return None
         if mode != "auto":
-            path = Path(mode).expanduser()
-            if not path.is_dir():
-                raise UserError(f"checkpoint.resume={mode}: no such checkpoint folder")
-            report = self.verify_and_load(path)
-            if not report.ok:
-                raise UserError(f"checkpoint.resume={mode} does not verify:\n{report.describe()}")
-            self.verified = report
-            return str(path)
+            return self._choose_named(Path(mode).expanduser())
         candidates = self.store.candidates()
         if not candidates and self.store.quarantined():
             raise UserError(
                 f"{t.stage}: {self.store.folder} holds no checkpoint, only quarantined ones in "
-                f"{self.store.folder / 'quarantine'} (see their QUARANTINE_REASON.txt). Refusing to start "
-                "from scratch: pass checkpoint.resume=<folder> to use one, or checkpoint.resume=never to "
-                "start fresh deliberately."
+                f"{self.store.folder / 'quarantine'} (each with a *{REASON_SUFFIX} beside it). Refusing to "
+                "start from scratch: pass checkpoint.resume=<folder> to use one, or checkpoint.resume=never "
+                "to start fresh deliberately."
             )
         if not candidates:
             logger.info("%s: no checkpoint in %s, starting fresh", t.stage, self.store.folder)
@@ -167,93 +238,160 @@ class Checkpointer:
         for path in candidates:
             report = self.verify_and_load(path)
             if report.ok:
-                self.verified = report
-                return str(path)
+                return self._accept(report)
+            if not report.damaged:
+                raise self._refusal(report, "checkpoint.resume=auto")
             reason = report.describe()
             moved = self.store.quarantine(path, reason)
-            rejected.append(f"{path.name}: {report.failure.name if report.failure else '?'}")
-            self.events.emit("checkpoint_quarantined", stage=t.stage, path=str(path),
-                             to=str(moved), reason=reason)
-            logger.warning("%s: checkpoint rejected and moved to %s\n%s", t.stage, moved, reason)
+            rejected.append(f"{path.name}: {tp.cast(tp.Any, report.failure).name}")
+            self.events.emit("checkpoint_quarantined", stage=t.stage, path=str(path), to=str(moved),
+                             reason=reason)
+            logger.warning("%s: checkpoint damaged, moved to %s\n%s", t.stage, moved, reason)
         raise UserError(
             f"{t.stage}: checkpoints exist in {self.store.folder} but none verifies "
             f"({'; '.join(rejected)}); they were moved to {self.store.folder / 'quarantine'} with "
-            "their reasons. Refusing to start from scratch: fix or remove them, or pass "
-            "checkpoint.resume=never to start fresh deliberately."
+            f"their reasons (*{REASON_SUFFIX}). Refusing to start from scratch: repair one and pass "
+            "checkpoint.resume=<its folder>, or pass checkpoint.resume=never to start fresh deliberately."
         )
+
+    def _choose_named(self, path: Path) -> Checkpoint:
+        """``checkpoint.resume=<folder>``: exactly that one; newer ones (and other lines) are set aside."""
+        if not path.is_dir():
+            raise UserError(f"checkpoint.resume={self.cfg.resume}: no such checkpoint folder")
+        report = self.verify_and_load(path)
+        if report.damaged:
+            raise UserError(f"checkpoint.resume={self.cfg.resume} does not verify (it is damaged; a "
+                            f"checkpoint you name is never moved):\n{report.describe()}")
+        if not report.ok:
+            raise self._refusal(report, f"checkpoint.resume={self.cfg.resume}")
+        ckpt = self._accept(report)
+        chosen, step, line = path.resolve(), ckpt.manifest.step, ckpt.manifest.line
+        others = [p for p in self.store.candidates() if p.resolve() != chosen and (
+            tp.cast(int, parse_step(p.name)) >= step or self.store.line_of(p) not in (None, line))]
+        if others:
+            names = ", ".join(p.name for p in others)
+            moved = self.store.set_aside(others, f"checkpoint.resume={path} (step {step}): these "
+                                                 "checkpoints are newer or of another line, so the resumed "
+                                                 "run would mix with them")
+            logger.warning("%s: resuming from %s (step %d): %s set aside, unchanged, in %s (nothing deleted)",
+                           self.trainer.stage, path, step, names, moved)
+            self.events.emit("checkpoints_set_aside", stage=self.trainer.stage, to=str(moved), folders=names)
+        return ckpt
+
+    def _accept(self, report: Report) -> Checkpoint:
+        self.verified = report
+        ckpt = tp.cast(Checkpoint, report.checkpoint)
+        self._log_config_changes(ckpt)
+        return ckpt
+
+    def _log_config_changes(self, ckpt: Checkpoint) -> None:
+        t = self.trainer
+        changes = config_changes(_yaml_mapping(ckpt.config), t.run_config)
+        for key, was, now in changes:
+            logger.warning("%s: config changed since %s: %s: %r → %r (the new value applies)",
+                           t.stage, ckpt.path.name, key, was, now)
+        if changes:
+            self.events.emit("config_changed", stage=t.stage, path=str(ckpt.path),
+                             changes=[{"key": k, "was": w, "now": n} for k, w, n in changes])
+
+    def _refusal(self, report: Report, how: str) -> UserError:
+        """A sound checkpoint this run cannot use: what differs, and what to type."""
+        t = self.trainer
+        failure = tp.cast(tp.Any, report.failure)
+        advice = {
+            "keys": self._keys_advice(report),
+            "probe": ("If you changed the model code, the probe inputs or the numerics deliberately, pass "
+                      "checkpoint.accept_probe_mismatch=true to resume anyway (the difference is logged)."),
+        }.get(failure.name, "")
+        self.events.emit("resume_refused", stage=t.stage, path=str(report.path), level=failure.name,
+                         reason=report.describe())
+        return UserError(
+            f"{t.stage}: {how}: {report.path} is intact but cannot be resumed as configured (nothing was "
+            f"moved):\n{report.describe()}\n{advice}".rstrip()
+        )
+
+    def _keys_advice(self, report: Report) -> str:
+        try:
+            saved = _yaml_mapping((report.path / CONFIG_FILE).read_text())
+        except OSError:
+            saved = {}
+        changed = [(k, w, n) for k, w, n in config_changes(saved, self.trainer.run_config)
+                   if k.startswith("model.")]
+        if not changed:
+            return ("No model.* config key changed since that checkpoint, so the model code did: resume "
+                    "with the radiodiff_resume version that wrote it, or start fresh with "
+                    "checkpoint.resume=never.")
+        lines = "\n".join(f"  {k}: {w!r} in the checkpoint, {n!r} now" for k, w, n in changed)
+        back = " ".join(f"{k}={_override(w)}" for k, w, _ in changed)
+        return (f"The model config changed since that checkpoint:\n{lines}\n"
+                f"To resume it, set them back: {back}\n"
+                "To train the new model from scratch, pass checkpoint.resume=never (the old checkpoints are "
+                "set aside, not deleted) or use another trainer.results_folder.")
 
     def verify_and_load(self, path: Path) -> Report:
-        """Run every level; on success the trainer holds the checkpoint's state."""
+        """Run every level; on success the trainer holds the checkpoint's state and
+        ``report.checkpoint`` its content."""
         t = self.trainer
         report = Report(path)
-        manifest = check_structure(path, report)
-        if manifest is None:
-            return report
         try:
-            state = read_shared(path)
-        except (OSError, ValueError, KeyError, TypeError, SafetensorError, CodecError) as exc:
-            report.set("keys", False, f"cannot read state: {type(exc).__name__}: {exc}")
+            ckpt = open_checkpoint(path, t.stage)
+        except ManifestError as exc:
+            report.set("structure", False, str(exc), integrity=exc.integrity)
             return report
-        if not check_keys(report, state, t.unwrapped.state_dict(), t.params, t.ema is not None):
+        except CheckpointCorrupt as exc:
+            report.set("structure", False, str(exc))
             return report
-        if not check_finite(report, state):
+        report.set("structure", True, f"{len(ckpt.manifest.files)} files, hashes match")
+        if not check_finite(report, ckpt.shared):
             return report
-        if not check_scale_factor(report, state, manifest):
+        if not check_scale_factor(report, ckpt.shared, ckpt.manifest, t.scale_factor_value() is not None):
             return report
-        conflict = t.resume_conflict(manifest)
+        if not check_keys(report, ckpt.shared, t.unwrapped.state_dict(), t.params):
+            return report
+        conflict = t.resume_conflict(ckpt.manifest)
         if conflict:
             raise UserError(conflict)
-        t.load_state_dict(state)
-        self._check_probe(report, manifest)
+        t.load_state_dict(ckpt.shared)
+        if self._check_probe(report, ckpt):
+            report.checkpoint = ckpt
         return report
 
-    def _check_probe(self, report: Report, manifest: Manifest) -> bool:
+    def _check_probe(self, report: Report, ckpt: Checkpoint) -> bool:
         t = self.trainer
-        if manifest.probe is None:
-            return report.set("probe", True, "no probe recorded")
-        now = self.probe_record()
-        was = manifest.probe
-        if (now.device_type, now.dtype) == (was.device_type, was.dtype):
-            ok = now.loss_hex == was.loss_hex
-            how = "bit-exact"
+        was = ckpt.manifest.probe
+        value = float(t.probe_value(ckpt.shared["probe"]))
+        env = fingerprint(t.accelerator.device)
+        changed = differences({**was.environment, "dtype": was.dtype}, {**env, "dtype": t.probe_dtype()})
+        if not changed:
+            ok = value.hex() == was.loss_hex
+            how = "bit-exact (identical environment)"
         else:
-            ok = abs(now.loss - was.loss) <= self.cfg.probe_tolerance * max(abs(was.loss), 1e-12)
-            how = f"within {self.cfg.probe_tolerance:g} relative ({was.device_type}/{was.dtype} → " \
-                  f"{now.device_type}/{now.dtype})"
-        detail = f"loss {now.loss!r} vs recorded {was.loss!r}, {how}"
-        if not ok:
-            detail += f"; {t.stage} weights, statistics or scale_factor differ from those saved"
+            tol = self.cfg.probe_tolerance
+            ok = abs(value - was.loss) <= tol * max(abs(was.loss), 1e-12)
+            how = f"within {tol:g} relative; the environment differs: {'; '.join(changed)}"
+        detail = f"{value!r} vs recorded {was.loss!r}, {how}"
+        if not ok and self.cfg.accept_probe_mismatch:
+            ok = True
+            detail += " — MISMATCH accepted (checkpoint.accept_probe_mismatch=true)"
+            logger.warning("%s: probe of %s: %s", t.stage, report.path, detail)
+        elif not ok:
+            detail += (f"; the {t.stage} weights, statistics or scale_factor that were loaded do not "
+                       "compute what was saved")
         return report.set("probe", ok, detail)
 
-    def _load_rank_state(self, path: Path) -> None:
-        t = self.trainer
-        rank = t.accelerator.process_index
-        name = rank_component(rank)
-        if (path / f"{name}.json").exists():
-            t.load_rank_state_dict(read_component(path, name))
-            return
-        logger.warning(
-            "%s: %s has no state for rank %d (saved with another number of processes); data order "
-            "and noise continue from rank 0's position, so this resume is not bit-exact",
-            t.stage, path.name, rank,
-        )
-        t.load_rank_state_dict(read_component(path, rank_component(0)), rank_specific=False)
+
+def _yaml_mapping(text: str) -> dict[str, tp.Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
-SHARED = ("model", "ema", "optimizer", "lr_schedule", "train_state", "grad_scaler")
-
-
-def read_shared(path: Path) -> dict[str, tp.Any]:
-    return {name: read_component(path, name) for name in SHARED if (path / f"{name}.json").exists()}
-
-
-def tensor_equal_trees(a: tp.Any, b: tp.Any) -> bool:
-    """Exact equality of two state trees (dtypes and bits): what a restore must reproduce."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(tensor_equal_trees(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(
-            tensor_equal_trees(x, y) for x, y in zip(a, b, strict=True))
-    return bool(a == b)
+def _override(value: tp.Any) -> str:
+    """A value as it is typed in a ``key=value`` override."""
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, default_flow_style=True).strip().replace(" ", "")
+    if value is None:
+        return "null"
+    return str(value).lower() if isinstance(value, bool) else str(value)

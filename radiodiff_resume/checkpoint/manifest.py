@@ -1,23 +1,37 @@
 """The manifest: written last, it is the commit record of a checkpoint folder.
 
-A folder counts as a checkpoint only if ``manifest.json`` exists, parses, and every
-file it lists has the recorded size and SHA-256.
+A folder counts as a checkpoint only if ``manifest.json`` exists, parses into this
+schema, carries its own checksum, and every file it lists has the recorded size and
+SHA-256. Parsing is strict: a field the format requires is required, with the type
+and range it must have, so no check downstream can pass on a missing or NaN value.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
+import math
+import re
 import typing as tp
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 
 FORMAT = "radiodiff_resume/checkpoint"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 16 << 20
+"""A manifest lists files and a few fields; anything larger is not one of ours."""
+
+FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+"""What a listed file may be called: a plain name inside the folder (no ``/``, no ``..``)."""
+
+
+class ManifestError(ValueError):
+    """``manifest.json`` is not a valid manifest; the message says which field and why."""
+
+    def __init__(self, message: str, integrity: bool = True) -> None:
+        super().__init__(message)
+        self.integrity = integrity
+        """False when the file is sound but written by another format version."""
 
 
 @dataclass
@@ -28,12 +42,16 @@ class FileRecord:
 
 @dataclass
 class Probe:
-    """Loss of a fixed batch with fixed noise, recorded at save and recomputed on load."""
+    """A fingerprint of the state: a fixed function of the weights on inputs stored in the checkpoint.
+
+    ``environment`` says where it was computed; bit-exact reproduction is required
+    only where the environment is identical.
+    """
 
     loss: float
     loss_hex: str
-    device_type: str
     dtype: str
+    environment: dict[str, str]
 
 
 @dataclass
@@ -41,9 +59,11 @@ class Manifest:
     step: int
     stage: str
     world_size: int
+    line: str
+    """Identifies one line of training: set on a fresh start, inherited on resume."""
     config_hash: str
     scale_factor: float | None
-    probe: Probe | None
+    probe: Probe
     files: dict[str, FileRecord] = field(default_factory=dict)
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
@@ -51,53 +71,135 @@ class Manifest:
     version: int = VERSION
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True)
+        body = asdict(self)
+        body["checksum"] = checksum(body)
+        return json.dumps(body, indent=1, sort_keys=True, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        raw = json.loads(text)
+    def from_json(cls, data: bytes | str) -> Manifest:
+        """Parse and validate; raises :class:`ManifestError` naming the first bad field."""
+        if isinstance(data, str):
+            data = data.encode()
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise ManifestError(f"{len(data)} bytes, more than a manifest can have")
+        try:
+            raw = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys,
+                             parse_constant=_no_constant)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ManifestError(f"not valid JSON ({type(exc).__name__}: {_short(exc)})") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise ValueError(f"not a {FORMAT} manifest")
+            raise ManifestError(f"not a {FORMAT} manifest")
         if raw.get("version") != VERSION:
-            raise ValueError(f"manifest version {raw.get('version')!r}; this build reads {VERSION}")
-        probe = raw.get("probe")
+            raise ManifestError(
+                f"format version {raw.get('version')!r}, this build of radiodiff_resume reads version "
+                f"{VERSION}: finish that run with the version that wrote it, or start a new run with "
+                "checkpoint.resume=never", integrity=False)
+        stored = _get(raw, "checksum", str)
+        body = {k: v for k, v in raw.items() if k != "checksum"}
+        if stored != checksum(body):
+            raise ManifestError("checksum mismatch (the manifest was changed after the save)")
+        expected = {f.name for f in fields(cls)} | {"checksum"}
+        if set(raw) != expected:
+            extra, missing = sorted(set(raw) - expected), sorted(expected - set(raw))
+            raise ManifestError(f"fields differ from the format (unexpected {extra}, missing {missing})")
+        step = _get(raw, "step", int)
+        world_size = _get(raw, "world_size", int)
+        if step < 0 or world_size < 1:
+            raise ManifestError(f"step {step} / world_size {world_size} out of range")
+        scale = raw["scale_factor"]
+        if scale is not None and not (_is_number(scale) and math.isfinite(scale) and scale > 0):
+            raise ManifestError(f"scale_factor {scale!r} is not a finite positive number or null")
         return cls(
-            step=int(raw["step"]),
-            stage=str(raw["stage"]),
-            world_size=int(raw["world_size"]),
-            config_hash=str(raw["config_hash"]),
-            scale_factor=raw.get("scale_factor"),
-            probe=Probe(**probe) if probe else None,
-            files={k: FileRecord(**v) for k, v in raw["files"].items()},
-            created=str(raw.get("created", "")),
-            versions=dict(raw.get("versions", {})),
+            step=step, stage=_get(raw, "stage", str), world_size=world_size,
+            line=_get(raw, "line", str), config_hash=_get(raw, "config_hash", str),
+            scale_factor=None if scale is None else float(scale),
+            probe=_probe(_get(raw, "probe", dict)), files=_files(_get(raw, "files", dict)),
+            created=_get(raw, "created", str), versions=_str_map(_get(raw, "versions", dict), "versions"),
         )
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+def checksum(body: tp.Mapping[str, tp.Any]) -> str:
+    """SHA-256 of the canonical JSON of every field but the checksum itself."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def hash_files(paths: tp.Sequence[Path]) -> dict[str, FileRecord]:
-    """SHA-256 and size of each file, hashed in parallel threads (hashlib releases the GIL)."""
-    with ThreadPoolExecutor(max_workers=min(4, len(paths) or 1)) as pool:
-        digests = list(pool.map(sha256_file, paths))
-    return {p.name: FileRecord(sha256=d, bytes=p.stat().st_size) for p, d in zip(paths, digests, strict=True)}
+def _unique_keys(pairs: list[tuple[str, tp.Any]]) -> dict[str, tp.Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate key(s) {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
 
 
-@functools.cache
-def library_versions() -> dict[str, str]:
-    out = {}
-    for name in ("torch", "accelerate", "diffusers", "safetensors", "radiodiff-resume"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+def _no_constant(name: str) -> tp.NoReturn:
+    raise ValueError(f"{name} is not a number a manifest may hold")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc)
+    return text if len(text) < 160 else text[:157] + "..."
+
+
+def _is_number(value: tp.Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _get(raw: tp.Mapping[str, tp.Any], key: str, kind: type) -> tp.Any:
+    value = raw.get(key)
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if not ok:
+        raise ManifestError(
+            f"'{key}' must be {kind.__name__}, got {type(value).__name__} {_short_repr(value)}")
+    return value
+
+
+def _short_repr(value: tp.Any) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
+def _str_map(raw: tp.Mapping[str, tp.Any], what: str) -> dict[str, str]:
+    if not all(isinstance(v, str) for v in raw.values()):
+        raise ManifestError(f"'{what}' must map names to strings")
+    return dict(raw)
+
+
+def _probe(raw: tp.Mapping[str, tp.Any]) -> Probe:
+    loss = raw.get("loss")
+    if not (_is_number(loss) and math.isfinite(loss)):
+        raise ManifestError(f"probe.loss {loss!r} is not a finite number")
+    loss_hex = _get(raw, "loss_hex", str)
+    try:
+        exact = float.fromhex(loss_hex)
+    except ValueError:
+        raise ManifestError(f"probe.loss_hex {loss_hex!r} is not a float in hex") from None
+    if exact != loss:
+        raise ManifestError(f"probe.loss {loss!r} and probe.loss_hex {loss_hex} disagree")
+    if set(raw) != {"loss", "loss_hex", "dtype", "environment"}:
+        raise ManifestError(f"probe fields {sorted(raw)} differ from the format")
+    return Probe(loss=float(loss), loss_hex=loss_hex, dtype=_get(raw, "dtype", str),
+                 environment=_str_map(_get(raw, "environment", dict), "probe.environment"))
+
+
+def _files(raw: tp.Mapping[str, tp.Any]) -> dict[str, FileRecord]:
+    files = {}
+    for name, record in raw.items():
+        if not FILE_NAME.match(name) or name == MANIFEST:
+            raise ManifestError(f"lists {name!r}, which is not a plain file name inside the checkpoint")
+        if not isinstance(record, dict) or set(record) != {"sha256", "bytes"}:
+            raise ManifestError(f"files[{name!r}] must be {{sha256, bytes}}")
+        digest, size = record["sha256"], record["bytes"]
+        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise ManifestError(f"files[{name!r}].sha256 is not a SHA-256 hex digest")
+        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+            raise ManifestError(f"files[{name!r}].bytes must be an int >= 0")
+        files[name] = FileRecord(sha256=digest, bytes=size)
+    return files
+
+
+def record_of(data: bytes) -> FileRecord:
+    """Size and SHA-256 of bytes about to be written (or just read): hashed once, from memory."""
+    return FileRecord(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
 
 
 def step_dirname(step: int) -> str:
@@ -111,5 +213,5 @@ def parse_step(name: str) -> int | None:
     return None
 
 
-def probe_from(loss: float, device_type: str, dtype: str) -> Probe:
-    return Probe(loss=loss, loss_hex=float(loss).hex(), device_type=device_type, dtype=dtype)
+def probe_from(loss: float, dtype: str, environment: dict[str, str]) -> Probe:
+    return Probe(loss=loss, loss_hex=float(loss).hex(), dtype=dtype, environment=environment)

@@ -1,96 +1,76 @@
-"""Atomic checkpoint commit and retention.
+"""The ``checkpoints/`` folder of one stage: atomic commit, retention, quarantine, set-aside.
 
-Protocol (every rank calls :meth:`CheckpointStore.save`):
-rank 0 makes a fresh staging folder → barrier → each rank writes and fsyncs its own
-shard → barrier → rank 0 writes the shared state, hashes every file, writes
-``manifest.json`` last, fsyncs, renames the folder into place, fsyncs the parent →
-retention (only now) → barrier. A crash at any point leaves either the complete new
-checkpoint or none, and the previous ones untouched.
+Commit protocol (every rank calls :meth:`CheckpointStore.save`; each phase ends with all
+ranks learning whether any rank failed, so a failure never leaves another rank waiting):
+
+1. rank 0 makes a fresh staging folder;
+2. every rank writes and fsyncs its own files, hashed from the bytes written;
+3. rank 0 writes the shared files, then ``manifest.json`` last, fsyncs, renames the folder
+   into place, fsyncs the parent;
+4. only then retention (rank 0): a checkpoint is retired by renaming it out of the
+   ``step-*`` namespace first, then deleted, so a kill never leaves a half-deleted
+   folder that looks like a checkpoint.
+
+A crash at any point leaves either the complete new checkpoint or none, and the previous
+ones untouched; a failed write (disk full, EIO) removes the staging folder and stops every
+rank with the same message.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import os
 import shutil
 import typing as tp
 from pathlib import Path
 
-from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
-
-from radiodiff_resume.checkpoint.codec import decode, encode
+from radiodiff_resume.checkpoint.files import read_manifest, write_durable, write_files
 from radiodiff_resume.checkpoint.manifest import (
     MANIFEST,
+    FileRecord,
     Manifest,
-    hash_files,
-    library_versions,
+    ManifestError,
     parse_step,
     step_dirname,
 )
+from radiodiff_resume.dist import Ranks
+from radiodiff_resume.errors import HaltError, UserError
 from radiodiff_resume.io import fsync_dir
 
 logger = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine"
+REASON_SUFFIX = ".reason.txt"
+LEFTOVER_PREFIXES = (".staging-", ".replaced-", ".retired-")
+
+
+class SaveFailed(HaltError):
+    """A checkpoint could not be written; the earlier ones are untouched."""
 
 
 def rank_component(rank: int) -> str:
     return f"rank-{rank:05d}"
 
 
-def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it."""
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_component(folder: Path, name: str, tree: tp.Any) -> list[Path]:
-    """Write and fsync ``name.json`` (structure) and, if it holds tensors, ``name.safetensors``."""
-    structure, tensors = encode(tree)
-    paths = [folder / f"{name}.json"]
-    write_durable(paths[0], json.dumps(structure, sort_keys=True).encode())
-    if tensors:
-        paths.append(folder / f"{name}.safetensors")
-        save_file(tensors, str(paths[1]), metadata={"component": name})
-        with paths[1].open("rb") as f:
-            os.fsync(f.fileno())
-    return paths
-
-
-def read_component(folder: Path, name: str) -> tp.Any:
-    structure = json.loads((folder / f"{name}.json").read_text())
-    tensor_file = folder / f"{name}.safetensors"
-    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
-    return decode(structure, tensors)
+def stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
 
 
 class CheckpointStore:
     """The ``checkpoints/`` folder of one training stage."""
 
-    def __init__(self, folder: Path, accelerator: Accelerator, keep_last: int = 3,
-                 keep_every: int | None = None) -> None:
+    def __init__(self, folder: Path, ranks: Ranks, keep_last: int = 3, keep_every: int | None = None) -> None:
         self.folder = Path(folder)
-        self.accelerator = accelerator
+        self.ranks = ranks
         self.keep_last = keep_last
         self.keep_every = keep_every
         self.protected: set[Path] = set()
+        self.line: str | None = None
+        """The line this run writes; retention only ever touches checkpoints of this line."""
+        self._lines: dict[str, str | None] = {}
 
     # ----- reading -----------------------------------------------------------------
-    def committed(self) -> list[Path]:
-        """Committed checkpoint folders (manifest present), newest first."""
-        if not self.folder.is_dir():
-            return []
-        found = [
-            (step, p) for p in self.folder.iterdir()
-            if p.is_dir() and (step := parse_step(p.name)) is not None and (p / MANIFEST).exists()
-        ]
-        return [p for _, p in sorted(found, reverse=True)]
-
     def candidates(self) -> list[Path]:
         """Every ``step-*`` folder, newest first, manifest or not (a missing one is a finding)."""
         if not self.folder.is_dir():
@@ -99,111 +79,183 @@ class CheckpointStore:
                  if p.is_dir() and (step := parse_step(p.name)) is not None]
         return [p for _, p in sorted(found, reverse=True)]
 
+    def committed(self) -> list[Path]:
+        """``step-*`` folders whose manifest exists, newest first."""
+        return [p for p in self.candidates() if (p / MANIFEST).is_file()]
+
     def quarantined(self) -> list[Path]:
         folder = self.folder / QUARANTINE
-        return sorted(folder.iterdir()) if folder.is_dir() else []
+        return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
+    def line_of(self, path: Path) -> str | None:
+        """The line a committed checkpoint belongs to (None when its manifest is unreadable)."""
+        if path.name not in self._lines:
+            try:
+                self._lines[path.name] = read_manifest(path).line
+            except (OSError, ManifestError):
+                self._lines[path.name] = None
+        return self._lines[path.name]
+
+    # ----- housekeeping (rank 0) -----------------------------------------------------
     def remove_leftovers(self) -> list[str]:
-        """Clean up after a crash mid-save: uncommitted staging folders go; a checkpoint that a
-        re-save had moved aside (``.replaced-step-N``) goes back if ``step-N`` is missing."""
+        """Clean up after a crash: uncommitted staging and retired folders go; a checkpoint that
+        a re-save had moved aside (``.replaced-step-N``) goes back if ``step-N`` is missing."""
         if not self.folder.is_dir():
             return []
         handled = []
         for path in sorted(self.folder.iterdir()):
-            if not path.is_dir():
+            if not path.is_dir() or not path.name.startswith(LEFTOVER_PREFIXES):
                 continue
             if path.name.startswith(".replaced-"):
                 original = self.folder / path.name.removeprefix(".replaced-")
-                if original.exists():
-                    shutil.rmtree(path)
-                else:
+                if not original.exists():
                     os.replace(path, original)
-                handled.append(path.name)
-            elif path.name.startswith(".staging-"):
-                shutil.rmtree(path)
-                handled.append(path.name)
+                    handled.append(path.name)
+                    continue
+            shutil.rmtree(path)
+            handled.append(path.name)
+        if handled:
+            fsync_dir(self.folder)
         return handled
 
-    def set_aside(self) -> Path:
-        """Move every ``step-*`` folder into ``previous-<time>/`` (a deliberate fresh start)."""
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        target = self.folder / f"previous-{stamp}"
+    def set_aside(self, paths: tp.Sequence[Path], reason: str) -> Path:
+        """Move ``paths`` unchanged into ``previous-<time>/`` with a note saying why (nothing is deleted)."""
+        target = self.folder / f"previous-{stamp()}"
+        suffix = 1
+        while target.exists():
+            target = self.folder / f"previous-{stamp()}-{suffix}"
+            suffix += 1
         target.mkdir()
-        for path in self.candidates():
+        (target / "SET_ASIDE.txt").write_text(reason + "\n")
+        for path in paths:
             os.replace(path, target / path.name)
+        fsync_dir(target)
         fsync_dir(self.folder)
+        return target
+
+    def quarantine(self, path: Path, reason: str) -> Path:
+        """Move a checkpoint that failed an integrity check into ``quarantine/``, unchanged.
+
+        The reason goes into a file beside it, never into the folder, so the folder can be
+        passed back as ``checkpoint.resume=<folder>`` once repaired.
+        """
+        target_dir = self.folder / QUARANTINE
+        target_dir.mkdir(parents=True, exist_ok=True)
+        target = target_dir / f"{path.name}-{stamp()}"
+        suffix = 1
+        while target.exists():
+            target = target_dir / f"{path.name}-{stamp()}-{suffix}"
+            suffix += 1
+        write_durable(target.with_name(target.name + REASON_SUFFIX), (reason + "\n").encode())
+        os.replace(path, target)
+        fsync_dir(self.folder)
+        fsync_dir(target_dir)
         return target
 
     # ----- writing -----------------------------------------------------------------
     def save(
         self,
         step: int,
-        shared: tp.Mapping[str, tp.Any],
-        own: tp.Any,
-        manifest: Manifest,
+        shared: tp.Callable[[], dict[str, bytes]],
+        own: tp.Callable[[], dict[str, bytes]],
+        manifest: Manifest | None,
     ) -> Path:
-        """Commit a checkpoint of ``step``. ``shared`` comes from rank 0, ``own`` from every rank."""
-        acc = self.accelerator
+        """Commit a checkpoint of ``step`` (every rank calls this).
+
+        ``shared`` and ``manifest`` are used on rank 0 only; ``own`` gives each rank's files.
+        They are callables so that an error while serialising is caught and agreed like a
+        write error.
+        """
         final = self.folder / step_dirname(step)
         staging = self.folder / f".staging-{step_dirname(step)}"
-        if acc.is_main_process:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-        acc.wait_for_everyone()
-        write_component(staging, rank_component(acc.process_index), own)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            for name, tree in shared.items():
-                write_component(staging, name, tree)
-            manifest.files = hash_files(sorted(staging.iterdir()))
-            manifest.world_size = acc.num_processes
-            manifest.created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-            manifest.versions = library_versions()
-            write_durable(staging / MANIFEST, manifest.to_json().encode())
-            fsync_dir(staging)
-            self._commit(staging, final)
+        self._phase(step, staging, lambda: self._prepare(staging) if self.ranks.is_main else None)
+        gathered = self._phase(step, staging, lambda: write_files(staging, own()))
+        if self.ranks.is_main:
+            assert manifest is not None
+            rank_records: dict[str, FileRecord] = {k: v for records in gathered for k, v in records.items()}
+            self._phase(step, staging, lambda: self._commit(staging, final, shared, rank_records, manifest))
+            self._lines[final.name] = manifest.line
             self.apply_retention()
-        acc.wait_for_everyone()
+        else:
+            self._phase(step, staging, lambda: None)
         return final
 
-    def _commit(self, staging: Path, final: Path) -> None:
+    def _prepare(self, staging: Path) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+
+    def _phase(self, step: int, staging: Path, work: tp.Callable[[], tp.Any]) -> list[tp.Any]:
+        """Run ``work`` on this rank; every rank learns whether any failed, and all stop together."""
+        result, error, caught = None, None, None
+        try:
+            result = work()
+        except Exception as exc:  # re-raised below on every rank, never swallowed
+            caught, error = exc, f"{type(exc).__name__}: {exc}"
+        outcomes = self.ranks.gather((error, result))
+        failed = [f"rank {r}: {e}" for r, (e, _) in enumerate(outcomes) if e is not None]
+        if not failed:
+            return [r for _, r in outcomes]
+        if self.ranks.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        if caught is not None and not isinstance(caught, (OSError, UserError)):
+            raise caught  # a bug, not the environment: keep its traceback
+        newest = self.committed()
+        kept = f"the newest committed checkpoint is {newest[0]}" if newest else "no earlier checkpoint exists"
+        raise SaveFailed(
+            f"checkpoint of step {step} could not be written ({'; '.join(failed)}); nothing was "
+            f"committed and earlier checkpoints are untouched ({kept}). Fix that cause (disk space, "
+            f"permissions of {self.folder}, ...), then run the same command to resume."
+        ) from caught
+
+    def _commit(self, staging: Path, final: Path, shared: tp.Callable[[], dict[str, bytes]],
+                rank_records: dict[str, FileRecord], manifest: Manifest) -> None:
+        manifest.files = {**rank_records, **write_files(staging, shared())}
+        manifest.world_size = self.ranks.world
+        write_durable(staging / MANIFEST, manifest.to_json().encode())
+        fsync_dir(staging)
         if final.exists():
             old = final.with_name(f".replaced-{final.name}")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(staging, final)
-            shutil.rmtree(old, ignore_errors=True)
+            fsync_dir(self.folder)
+            self._retire(old)
         else:
             os.replace(staging, final)
         fsync_dir(self.folder)
 
     def apply_retention(self) -> list[Path]:
-        """Delete committed checkpoints beyond ``keep_last`` (never below 2, never a protected one).
+        """Delete this line's checkpoints beyond ``keep_last`` (never below 2, never a protected one).
 
         Runs only after a commit, so there is never a moment with fewer good checkpoints.
+        Checkpoints of another line are never touched. A failure to delete is logged, not
+        raised: the new checkpoint is already committed.
         """
         keep = max(2, self.keep_last)
+        ours = [p for p in self.committed() if self.line is not None and self.line_of(p) == self.line]
         removed = []
-        for path in self.committed()[keep:]:
+        for path in ours[keep:]:
             step = parse_step(path.name)
             if path.resolve() in self.protected or (self.keep_every and step and step % self.keep_every == 0):
                 continue
-            shutil.rmtree(path)
+            try:
+                self._retire(path)
+            except OSError as exc:
+                logger.warning("checkpoint retention could not remove %s (%s); it is retried at the next "
+                               "start", path, exc)
+                continue
             removed.append(path)
         if removed:
-            fsync_dir(self.folder)
             logger.info("checkpoint retention removed %s", ", ".join(p.name for p in removed))
         return removed
 
-    def quarantine(self, path: Path, reason: str) -> Path:
-        """Move a rejected checkpoint aside with a reason file (main process only)."""
-        target_dir = self.folder / QUARANTINE
-        target_dir.mkdir(parents=True, exist_ok=True)
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        target = target_dir / f"{path.name}-{stamp}"
-        os.replace(path, target)
-        (target / "QUARANTINE_REASON.txt").write_text(reason + "\n")
+    def _retire(self, path: Path) -> None:
+        """Rename out of the ``step-*`` namespace (atomic), then delete."""
+        name = path.name.removeprefix(".replaced-")
+        retired = path.with_name(f".retired-{name}")
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(path, retired)
         fsync_dir(self.folder)
-        fsync_dir(target_dir)
-        return target
+        self._lines.pop(name, None)
+        shutil.rmtree(retired)

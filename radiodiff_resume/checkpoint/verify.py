@@ -1,26 +1,54 @@
-"""Verification levels, each reported on its own:
+"""Verification levels, each reported on its own, and what a failure of each means.
 
-1. ``structure`` — manifest parses; every listed file exists with its size and SHA-256;
-   no file is missing or stray.
-2. ``keys`` — strict key / shape / dtype match of model, EMA and optimizer against the
-   live objects, with a readable diff.
-3. ``finite`` — every floating tensor is finite.
-4. ``scale_factor`` — the model's buffer equals the manifest's.
-5. ``probe`` — (run by the checkpointer after loading) the recorded probe loss is
-   reproduced.
+Integrity levels — a failure proves the checkpoint is damaged, so discovery may move it
+to quarantine and fall back to an older one:
+
+1. ``structure`` — the manifest parses into the format (with its own checksum); every
+   listed file is a regular file with its size and SHA-256, read once and decoded from
+   those same bytes; nothing missing or stray; every component has the shape the format
+   requires; step, world size and rank files agree with each other.
+2. ``finite`` — every floating tensor is finite.
+3. ``scale_factor`` — the model's buffer equals the manifest's, and is present exactly
+   when the stage has one.
+
+Compatibility levels — a failure means the checkpoint is fine but this run differs from
+the one that wrote it (config, code, environment); nothing is moved, the run stops and
+says what differs and which override accepts it:
+
+4. ``keys`` — strict key / shape / dtype match against the live model, EMA and optimizer.
+5. ``probe`` — (run by the checkpointer after loading) the recorded probe is reproduced:
+   bit for bit in an identical environment, within the tolerance otherwise.
+
+A checkpoint of another stage or format version fails ``structure`` without being an
+integrity failure.
 """
 
 from __future__ import annotations
 
+import random
 import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from radiodiff_resume.checkpoint.manifest import MANIFEST, Manifest, hash_files
+from radiodiff_resume.checkpoint.files import (
+    CheckpointCorrupt,
+    decode_component,
+    listing_problems,
+    read_files,
+    read_manifest,
+)
+from radiodiff_resume.checkpoint.manifest import Manifest, ManifestError, parse_step
+from radiodiff_resume.checkpoint.store import rank_component
 
-LEVELS = ("structure", "keys", "finite", "scale_factor", "probe")
+LEVELS = ("structure", "finite", "scale_factor", "keys", "probe")
+INTEGRITY = frozenset({"structure", "finite", "scale_factor"})
+
+REQUIRED = ("model", "optimizer", "train_state", "data", "probe")
+OPTIONAL = ("ema", "grad_scaler")
+CONFIG_FILE = "config.yaml"
 
 
 @dataclass
@@ -29,15 +57,19 @@ class Level:
     ok: bool | None = None
     """None: not reached (an earlier level failed)."""
     detail: str = ""
+    integrity: bool = True
+    """Whether a failure here proves damage (quarantine) rather than a difference (stop)."""
 
 
 @dataclass
 class Report:
     path: Path
     levels: dict[str, Level] = field(default_factory=lambda: {n: Level(n) for n in LEVELS})
+    checkpoint: Checkpoint | None = None
+    """The decoded checkpoint, once every level passed."""
 
-    def set(self, name: str, ok: bool, detail: str = "") -> bool:
-        self.levels[name] = Level(name, ok, detail)
+    def set(self, name: str, ok: bool, detail: str = "", integrity: bool | None = None) -> bool:
+        self.levels[name] = Level(name, ok, detail, name in INTEGRITY if integrity is None else integrity)
         return ok
 
     @property
@@ -47,6 +79,11 @@ class Report:
     @property
     def failure(self) -> Level | None:
         return next((lv for lv in self.levels.values() if lv.ok is False), None)
+
+    @property
+    def damaged(self) -> bool:
+        """Failed at an integrity level: the files themselves are bad."""
+        return self.failure is not None and self.failure.integrity
 
     def summary(self) -> str:
         """One line: each level and whether it passed."""
@@ -61,40 +98,145 @@ class Report:
         return "\n".join(lines)
 
 
-def check_structure(path: Path, report: Report) -> Manifest | None:
-    """Level 1. Returns the manifest when the folder is structurally sound."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        report.set("structure", False, "manifest.json missing (the save never committed)")
-        return None
+@dataclass
+class Checkpoint:
+    """The decoded content of a checkpoint folder, every byte of it hash-checked."""
+
+    path: Path
+    manifest: Manifest
+    shared: dict[str, tp.Any]
+    ranks: dict[int, tp.Any]
+    config: str
+
+
+def open_checkpoint(path: Path, stage: str, rank: int | None = None) -> Checkpoint:
+    """Read and check ``path`` (level 1). ``rank=None`` reads every rank's file (rank 0's view);
+    otherwise only that rank's. Raises :class:`ManifestError` or :class:`CheckpointCorrupt`."""
     try:
-        manifest = Manifest.from_json(manifest_path.read_text())
-    except (ValueError, KeyError, TypeError) as exc:
-        report.set("structure", False, f"manifest.json unreadable: {exc}")
-        return None
-    problems = []
-    present = {p.name for p in path.iterdir() if p.is_file()} - {MANIFEST}
-    present |= {f"{p.name}/" for p in path.iterdir() if p.is_dir()}
-    sized = []
-    for name, record in sorted(manifest.files.items()):
-        file = path / name
-        if name not in present:
-            problems.append(f"{name} missing")
-        elif file.stat().st_size != record.bytes:
-            problems.append(f"{name} has {file.stat().st_size} bytes, manifest says {record.bytes}")
-        else:
-            sized.append(file)
-    for name, found in hash_files(sized).items():
-        if found.sha256 != manifest.files[name].sha256:
-            problems.append(f"{name} sha256 mismatch (content changed after the save)")
-    stray = sorted(present - set(manifest.files))
-    if stray:
-        problems.append(f"stray file(s) not in the manifest: {', '.join(stray)}")
+        manifest = read_manifest(path)
+    except FileNotFoundError:
+        raise CheckpointCorrupt("manifest.json missing (the save never committed)") from None
+    except OSError as exc:
+        raise CheckpointCorrupt(f"manifest.json unreadable ({exc.strerror or exc})") from None
+    except ManifestError as exc:
+        raise ManifestError(f"manifest.json: {exc}", exc.integrity) from None
+    if manifest.stage != stage:
+        raise ManifestError(f"a checkpoint of stage '{manifest.stage}', this is the '{stage}' stage",
+                            integrity=False)
+    problems = listing_problems(path, manifest) + _layout_problems(path, manifest)
     if problems:
-        report.set("structure", False, "; ".join(problems))
-        return None
-    report.set("structure", True, f"{len(manifest.files)} files, hashes match")
-    return manifest
+        raise CheckpointCorrupt("; ".join(problems))
+    wanted = [n for n in manifest.files
+              if not n.startswith("rank-") or rank is None or n.startswith(rank_component(rank) + ".")]
+    blobs = read_files(path, manifest.files, wanted)
+    shared = {c: decode_component(blobs, c) for c in (*REQUIRED, *OPTIONAL) if f"{c}.json" in blobs}
+    ranks = {r: decode_component(blobs, rank_component(r)) for r in range(manifest.world_size)
+             if f"{rank_component(r)}.json" in blobs}
+    problems = _content_problems(manifest, shared, ranks)
+    if problems:
+        raise CheckpointCorrupt("; ".join(problems))
+    return Checkpoint(path, manifest, shared, ranks, blobs[CONFIG_FILE].decode("utf-8", errors="replace"))
+
+
+def _layout_problems(path: Path, manifest: Manifest) -> list[str]:
+    """Which files must be listed, and nothing else."""
+    listed = set(manifest.files)
+    problems = [f"required file {n} not listed" for c in REQUIRED if (n := f"{c}.json") not in listed]
+    if CONFIG_FILE not in listed:
+        problems.append(f"required file {CONFIG_FILE} not listed")
+    rank_files = {f"{rank_component(r)}.json" for r in range(manifest.world_size)}
+    problems += [f"{n} missing for world_size {manifest.world_size}" for n in sorted(rank_files - listed)]
+    components = [*REQUIRED, *OPTIONAL, *(rank_component(r) for r in range(manifest.world_size))]
+    allowed = {CONFIG_FILE} | {f"{c}.{ext}" for c in components for ext in ("json", "safetensors")}
+    unexpected = sorted(listed - allowed)
+    if unexpected:
+        problems.append(f"manifest lists file(s) the format does not have: {', '.join(unexpected)}")
+    named = parse_step(path.name)
+    if named is not None and named != manifest.step:
+        problems.append(f"folder {path.name} holds step {manifest.step} per its manifest")
+    return problems
+
+
+def _content_problems(manifest: Manifest, shared: dict[str, tp.Any], ranks: dict[int, tp.Any]) -> list[str]:
+    """Each component has the shape its ``load_state_dict`` needs, and the counters agree."""
+    problems: list[str] = []
+
+    def need(ok: bool, what: str) -> bool:
+        if not ok:
+            problems.append(what)
+        return ok
+
+    model = shared["model"]
+    need(isinstance(model, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                         for k, v in model.items()), "model: not a name → tensor map")
+    opt = shared["optimizer"]
+    if need(isinstance(opt, dict) and set(opt) == {"state", "param_groups"}, "optimizer: not its state"):
+        groups = opt["param_groups"]
+        need(isinstance(groups, list) and all(
+            isinstance(g, dict) and isinstance(g.get("params"), list)
+            and all(_is_int(i) for i in g["params"]) for g in groups), "optimizer: malformed param_groups")
+        need(isinstance(opt["state"], dict) and all(
+            _is_int(k) and isinstance(v, dict)
+            and all(isinstance(x, (torch.Tensor, int, float)) for x in v.values())
+            for k, v in opt["state"].items()), "optimizer: malformed state")
+    train, data = shared["train_state"], shared["data"]
+    if need(_ints(train, "step", "samples_seen"), "train_state: needs int step, samples_seen"):
+        need(train["step"] == manifest.step,
+             f"train_state.step {train['step']} ≠ manifest step {manifest.step}")
+    need(_ints(data, "epoch", "offset") and data["epoch"] >= 0 and data["offset"] >= 0,
+         "data: needs int epoch, offset >= 0")
+    probe = shared["probe"]
+    need(isinstance(probe, dict) and bool(probe) and all(isinstance(v, torch.Tensor) for v in probe.values()),
+         "probe: not a name → tensor map")
+    if "ema" in shared:
+        need(_ema_ok(shared["ema"]), "ema: not an EMA state")
+    if "grad_scaler" in shared:
+        need(isinstance(shared["grad_scaler"], dict) and all(
+            isinstance(shared["grad_scaler"].get(k), (int, float))
+            for k in ("scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker")),
+            "grad_scaler: not a GradScaler state")
+    device_type = manifest.probe.environment.get("device_type")
+    for r, state in ranks.items():
+        error = _rank_problem(state, device_type)
+        need(error is None, f"{rank_component(r)}: {error}")
+    return problems
+
+
+def _is_int(value: tp.Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _ints(tree: tp.Any, *keys: str) -> bool:
+    return isinstance(tree, dict) and all(_is_int(tree.get(k)) for k in keys)
+
+
+def _ema_ok(ema: tp.Any) -> bool:
+    return (isinstance(ema, dict) and isinstance(ema.get("shadow_params"), list)
+            and all(isinstance(p, torch.Tensor) for p in ema["shadow_params"])
+            and _ints(ema, "optimization_step", "update_after_step")
+            and isinstance(ema.get("decay"), float) and isinstance(ema.get("min_decay"), float)
+            and isinstance(ema.get("use_ema_warmup"), bool)
+            and all(isinstance(ema.get(k), (int, float)) for k in ("inv_gamma", "power")))
+
+
+def _rank_problem(state: tp.Any, device_type: str | None) -> str | None:
+    """Why this rank state cannot be restored (checked on scratch generators), or None."""
+    if not (isinstance(state, dict) and isinstance(state.get("rng"), dict)
+            and isinstance(state.get("noise_rng"), torch.Tensor)):
+        return "needs rng and noise_rng"
+    rng = state["rng"]
+    try:
+        py = rng["python"]
+        random.Random().setstate((py["version"], tuple(py["internal"]), py["gauss"]))
+        n = rng["numpy"]
+        np.random.RandomState().set_state(
+            (n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+        torch.Generator().set_state(rng["torch"])
+        if device_type == "cpu":
+            torch.Generator().set_state(state["noise_rng"])
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        return f"RNG state cannot be restored ({type(exc).__name__}: {exc})"
+    return None
 
 
 def diff_tensors(
@@ -130,15 +272,11 @@ def check_keys(
     state: tp.Mapping[str, tp.Any],
     live_model: tp.Mapping[str, torch.Tensor],
     live_params: list[torch.Tensor],
-    expect_ema: bool,
 ) -> bool:
-    """Level 2: model, EMA and optimizer fit the live objects exactly."""
+    """Level 4: model, EMA (when both sides have one) and optimizer fit the live objects exactly."""
     problems = diff_tensors("model", state["model"], live_model)
     shapes = [tuple(p.shape) for p in live_params]
-    if expect_ema != ("ema" in state):
-        problems.append("ema: " + ("missing from the checkpoint" if expect_ema else
-                                   "present in the checkpoint but trainer.use_ema is false"))
-    elif expect_ema:
+    if "ema" in state:
         shadow = [tuple(t.shape) for t in state["ema"]["shadow_params"]]
         if shadow != shapes:
             problems.append(f"ema: {len(shadow)} shadow params do not match the {len(shapes)} trainable "
@@ -149,8 +287,12 @@ def check_keys(
         problems.append(f"optimizer: {n_params} parameters in checkpoint, {len(shapes)} trainable in model")
     else:
         for idx, slots in state["optimizer"]["state"].items():
+            if not 0 <= int(idx) < len(shapes):
+                problems.append(f"optimizer: state for parameter {idx}, the model has {len(shapes)}")
+                continue
             for slot, value in slots.items():
-                if value.dim() > 0 and tuple(value.shape) != shapes[int(idx)]:
+                shaped = isinstance(value, torch.Tensor) and value.dim() > 0
+                if shaped and tuple(value.shape) != shapes[int(idx)]:
                     problems.append(f"optimizer: state[{idx}].{slot} shape {tuple(value.shape)}, "
                                     f"parameter has {shapes[int(idx)]}")
     if problems:
@@ -174,32 +316,41 @@ def floating_tensors(tree: tp.Any, prefix: str = "") -> tp.Iterator[tuple[str, t
 def nonfinite_names(tree: tp.Any) -> list[str]:
     """Paths of floating tensors in ``tree`` holding NaN or Inf.
 
-    Fast path: one fp32 sum per tensor (a non-finite element makes the sum non-finite)
-    and one host sync for all of them; only tensors whose sum is not finite — which
-    includes finite tensors whose sum overflows — get the exact element-wise check.
+    Fast path: one fp32 sum per tensor (a non-finite element makes the sum non-finite),
+    stacked on each tensor's device and copied to the host once per device — one sync
+    for a whole GPU state, not one per tensor. Only tensors whose sum is not finite
+    (which includes finite tensors whose sum overflows) get the exact element-wise check.
     """
     named = list(floating_tensors(tree))
-    if not named:
-        return []
-    sums = torch.stack([t.sum(dtype=torch.float32).to("cpu") for _, t in named])
-    suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
-    return [named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    suspects = []
+    for indices in by_device.values():
+        sums = torch.stack([named[i][1].sum(dtype=torch.float32) for i in indices]).cpu()
+        suspects += [indices[j] for j in (~torch.isfinite(sums)).nonzero().flatten().tolist()]
+    return [named[i][0] for i in sorted(suspects) if not bool(torch.isfinite(named[i][1]).all())]
 
 
 def check_finite(report: Report, state: tp.Mapping[str, tp.Any]) -> bool:
-    """Level 3."""
-    bad = nonfinite_names({k: state[k] for k in ("model", "ema", "optimizer") if k in state})
+    """Level 2."""
+    bad = nonfinite_names({k: state[k] for k in ("model", "ema", "optimizer", "probe") if k in state})
     if bad:
         return report.set("finite", False, f"non-finite values in {len(bad)} tensor(s): {_few(bad)}")
     return report.set("finite", True, "all tensors finite")
 
 
-def check_scale_factor(report: Report, state: tp.Mapping[str, tp.Any], manifest: Manifest) -> bool:
-    """Level 4: the buffer in the weights is the value the manifest recorded."""
-    if manifest.scale_factor is None:
-        return report.set("scale_factor", True, "no scale_factor in this stage")
+def check_scale_factor(report: Report, state: tp.Mapping[str, tp.Any], manifest: Manifest,
+                       stage_has_one: bool) -> bool:
+    """Level 3: the buffer in the weights is the value the manifest recorded."""
     buffer = state["model"].get("scale_factor")
-    if buffer is None:
+    if not stage_has_one:
+        if manifest.scale_factor is not None or buffer is not None:
+            return report.set("scale_factor", False, "this stage has no scale_factor, the checkpoint does")
+        return report.set("scale_factor", True, "no scale_factor in this stage")
+    if manifest.scale_factor is None:
+        return report.set("scale_factor", False, "the manifest records no scale_factor")
+    if buffer is None or buffer.numel() != 1:
         return report.set("scale_factor", False, "model.safetensors has no scale_factor buffer")
     value = float(buffer)
     if value != manifest.scale_factor:

@@ -76,3 +76,12 @@ class AutoencoderWithLoss(nn.Module):
         """Deterministic reconstruction (posterior mode), for validation and samples."""
         latent = self.autoencoder.encode(image).latent_dist.mode()
         return self.autoencoder.decode(latent).sample.clamp(-1, 1)
+
+    @torch.no_grad()
+    def probe(self, image: torch.Tensor) -> torch.Tensor:
+        """A fixed function of the autoencoder's state, independent of the loss settings: the
+        reconstruction error through the posterior mode, plus the posterior's moments."""
+        posterior = self.autoencoder.encode(image).latent_dist
+        recon = self.autoencoder.decode(posterior.mode()).sample
+        error = (recon.double() - image.double()).square().mean()
+        return error + posterior.mean.double().square().mean() + posterior.logvar.double().mean()

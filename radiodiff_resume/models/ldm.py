@@ -101,15 +101,35 @@ class ConditionalLDM(nn.Module):
         """What the optimizer and the EMA see; the first stage is excluded."""
         return nn.ModuleList([self.cond_encoder, self.unet])
 
+    def _first_stage_precision(self, device: torch.device) -> tp.ContextManager[None]:
+        """Autocast off: the frozen autoencoder runs in its own dtype (fp32), where it cannot overflow
+        the way fp16 autoencoders do, and ``scale_factor`` was measured in that precision."""
+        return torch.autocast(device.type, enabled=False)
+
+    @property
+    def _first_stage_dtype(self) -> torch.dtype:
+        return next(self.first_stage.parameters()).dtype
+
     @torch.no_grad()
     def encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Scaled latent of ``image`` (a posterior sample, as in LDM)."""
-        latent = self.first_stage.encode(image).latent_dist.sample(generator=generator)
-        return latent * self.scale_factor
+        """Scaled latent of ``image`` (a posterior sample, as in LDM), in fp32."""
+        with self._first_stage_precision(image.device):
+            posterior = self.first_stage.encode(image.to(self._first_stage_dtype)).latent_dist
+            latent = posterior.sample(generator=generator)
+        return latent.float() * self.scale_factor
+
+    @torch.no_grad()
+    def encode_mode(self, image: torch.Tensor) -> torch.Tensor:
+        """Scaled posterior mode of ``image`` (deterministic), in fp32."""
+        with self._first_stage_precision(image.device):
+            latent = self.first_stage.encode(image.to(self._first_stage_dtype)).latent_dist.mode()
+        return latent.float() * self.scale_factor
 
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.first_stage.decode(latent / self.scale_factor).sample.clamp(-1, 1)
+        with self._first_stage_precision(latent.device):
+            unscaled = (latent.float() / self.scale_factor).to(self._first_stage_dtype)
+            return self.first_stage.decode(unscaled).sample.float().clamp(-1, 1)
 
     @torch.no_grad()
     def latent_moments(
@@ -119,7 +139,9 @@ class ConditionalLDM(nn.Module):
 
         Returned as sums so ranks can add them before the std is taken.
         """
-        z = self.first_stage.encode(image).latent_dist.sample(generator=generator).double()
+        with self._first_stage_precision(image.device):
+            posterior = self.first_stage.encode(image.to(self._first_stage_dtype)).latent_dist
+            z = posterior.sample(generator=generator).double()
         return torch.stack([z.sum(), (z * z).sum(), torch.tensor(z.numel(), dtype=z.dtype, device=z.device)])
 
     def set_scale_factor(self, value: torch.Tensor | float) -> None:
@@ -156,15 +178,34 @@ class ConditionalLDM(nn.Module):
     def sample(
         self, cond: torch.Tensor, generator: torch.Generator | None = None, steps: int | None = None
     ) -> torch.Tensor:
-        """Deterministic DDIM sampling (eta=0); noise only from ``generator``."""
+        """Deterministic DDIM sampling (eta=0); noise only from ``generator``. The latent trajectory
+        stays in fp32 under any autocast; only the denoiser's forward runs in the autocast dtype."""
         ddim = DDIMScheduler.from_config(self.noise_scheduler.config)
         ddim.set_timesteps(steps or self.sampling_timesteps, device=cond.device)
         features = self.cond_encoder(cond)
         z = torch.randn(
-            (cond.shape[0], *self.latent_shape), generator=generator, device=cond.device,
-            dtype=features.dtype,
+            (cond.shape[0], *self.latent_shape), generator=generator, device=cond.device, dtype=torch.float32,
         )
         for t in ddim.timesteps:
             pred = self.denoise(z, features, t.expand(cond.shape[0]))
-            z = ddim.step(pred, t, z).prev_sample
+            z = ddim.step(pred.float(), t, z).prev_sample
         return self.decode(z)
+
+    def probe_inputs(self, image: torch.Tensor, cond: torch.Tensor,
+                     generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Probe inputs for a batch: the maps, fixed latent noise and timesteps (from ``generator``)."""
+        n = image.shape[0]
+        noise = torch.randn((n, *self.latent_shape), generator=generator)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        timestep = torch.randint(0, steps, (n,), generator=generator)
+        return {"image": image, "cond": cond, "noise": noise, "timestep": timestep}
+
+    @torch.no_grad()
+    def probe(self, image: torch.Tensor, cond: torch.Tensor, noise: torch.Tensor,
+              timestep: torch.Tensor) -> torch.Tensor:
+        """A fixed function of the whole state: first stage (both halves), ``scale_factor``, condition
+        encoder (with its running statistics in eval mode) and denoiser. It uses none of the loss
+        settings (loss type, prediction type, noise schedule), so it measures the state, not the config."""
+        z = self.encode_mode(image)
+        pred = self.denoise(0.8 * z + 0.6 * noise, self.cond_encoder(cond), timestep)
+        return pred.double().square().mean() + self.decode(z).double().square().mean()

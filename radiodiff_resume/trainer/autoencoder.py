@@ -35,6 +35,12 @@ class AutoencoderTrainer(Trainer):
     def loss_with(self, module: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         return tp.cast(torch.Tensor, module(batch["image"], generator=generator))
 
+    def make_probe_inputs(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"image": batch["image"]}
+
+    def probe_with(self, module: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return tp.cast(AutoencoderWithLoss, module).probe(inputs["image"])
+
     def predict(self, batch: Batch) -> torch.Tensor:
         with self.accelerator.autocast():
             return self.wrapper.reconstruct(batch["image"])

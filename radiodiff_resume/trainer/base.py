@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from radiodiff_resume.checkpoint.checkpointer import Checkpointer
 from radiodiff_resume.checkpoint.manifest import Manifest
-from radiodiff_resume.config import CheckpointConfig, LoopConfig
+from radiodiff_resume.config import CheckpointConfig, Config, LoopConfig, config_hash, to_dict, to_yaml
 from radiodiff_resume.data.stream import BatchStream
+from radiodiff_resume.dist import Ranks
 from radiodiff_resume.errors import StopRequested
 from radiodiff_resume.events import EventLog
 from radiodiff_resume.images import save_grid
@@ -72,7 +73,7 @@ class Trainer:
         batch_size: int,
         num_workers: int = 0,
         checkpoint: CheckpointConfig | None = None,
-        config_hash: str = "",
+        config: Config | None = None,
     ) -> None:
         self.loop = loop
         self.accelerator = accelerator
@@ -80,7 +81,14 @@ class Trainer:
         self.seed = seed
         self.batch_size = batch_size
         self.state = TrainState()
+        self.run_config: dict[str, tp.Any] = to_dict(config) if config is not None else {}
+        """The resolved config of the whole run; each checkpoint keeps a copy to diff against on resume."""
+        self.config_yaml = to_yaml(config) if config is not None else "{}\n"
+        self.config_hash = config_hash(config) if config is not None else ""
         accelerator.gradient_accumulation_steps = loop.gradient_accumulate_every
+        if accelerator.scaler is not None:
+            # Each stage starts with its own loss scale; the optimizer wrapper takes this object in prepare.
+            accelerator.scaler = fresh_grad_scaler(accelerator.scaler)
 
         model.to(accelerator.device)
         self.params = [p for p in self.trainable_module(model).parameters() if p.requires_grad]
@@ -88,10 +96,7 @@ class Trainer:
         self.lr_schedule = LambdaLR(optimizer, warmup_cosine(loop))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # After prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
-        self.ema = (
-            EMAModel(self.params, decay=loop.ema_decay, update_after_step=loop.ema_update_after_step)
-            if loop.use_ema else None
-        )
+        self.ema = self.new_ema() if loop.use_ema else None
         # Runtime randomness (e.g. dropout) differs per rank; model init above did not.
         set_seed(derive_seed(seed, self.stage, "global", accelerator.process_index) % 2**32)
 
@@ -104,12 +109,12 @@ class Trainer:
         )
         self.log = RunLog(self.results_folder, accelerator, self.stage)
         self.events = EventLog(self.results_folder / "events.jsonl", accelerator.is_main_process)
-        self.checkpointer = Checkpointer(self, checkpoint or CheckpointConfig(), config_hash, self.events)
+        self.ranks = Ranks(accelerator)
+        self.checkpointer = Checkpointer(self, checkpoint or CheckpointConfig(), self.events, self.ranks)
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._loss_count = 0
         self._stop_reason: str | None = None
-        self._flag_group = _cpu_group() if world > 1 else None
-        self._probe_batch: Batch | None = None
+        self._probe_inputs: dict[str, torch.Tensor] | None = None
 
     # ----- what subclasses provide -------------------------------------------------
     def trainable_module(self, model: nn.Module) -> nn.Module:
@@ -123,6 +128,15 @@ class Trainer:
     def training_loss(self, batch: Batch) -> torch.Tensor:
         """Loss of one micro-batch through the prepared (DDP) module, from the noise stream."""
         return self.loss_with(self.model, batch, self.noise)
+
+    def make_probe_inputs(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Inputs of the probe (CPU tensors) from a few validation samples and ``generator``."""
+        raise NotImplementedError
+
+    def probe_with(self, module: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A fixed scalar function of every part of ``module``'s state on ``inputs``, independent of
+        the loss settings in the config (so a checkpoint is probed as it was saved)."""
+        raise NotImplementedError
 
     def scale_factor_value(self) -> float | None:
         """The latent scale a checkpoint records (None for stages without one)."""
@@ -226,11 +240,7 @@ class Trainer:
 
         The flag travels over a CPU (gloo) group, so this never syncs the GPU stream.
         """
-        if self._flag_group is None:
-            return self._stop_reason is not None
-        flag = torch.tensor([int(self._stop_reason is not None)], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self._flag_group)
-        return bool(flag.item())
+        return self.ranks.any(self._stop_reason is not None)
 
     def stop(self) -> tp.NoReturn:
         """Save (all ranks together) and raise :class:`StopRequested`."""
@@ -297,17 +307,18 @@ class Trainer:
         save_grid(path, self.sample_columns(batch))
         logger.info("%s step %d: samples written to %s", self.stage, self.state.step, path)
 
-    def probe_batch(self) -> Batch:
-        """A fixed batch (the first two validation samples), the same in every run.
+    def probe_inputs(self) -> dict[str, torch.Tensor]:
+        """What the probe runs on: the first validation samples and fixed noise (CPU tensors).
 
-        Two samples are enough for a fingerprint (any change in weights, statistics or
-        ``scale_factor`` moves the loss) and keep the probe cheap at save and load.
+        Stored in every checkpoint, so verifying it never depends on today's data or config.
+        Two samples are enough for a fingerprint and keep the probe cheap at save and load.
         """
-        if self._probe_batch is None:
+        if self._probe_inputs is None:
             n = min(PROBE_SAMPLES, len(self.val_set))  # type: ignore[arg-type]
-            items = [self.val_set[i] for i in range(n)]
-            self._probe_batch = self.to_device(torch.utils.data.default_collate(items))
-        return self._probe_batch
+            batch = torch.utils.data.default_collate([self.val_set[i] for i in range(n)])
+            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.stage, "probe"))
+            self._probe_inputs = self.make_probe_inputs(batch, generator)
+        return self._probe_inputs
 
     def probe_dtype(self) -> str:
         """The autocast dtype the probe really ran in (accelerate ignores fp16 on a CPU)."""
@@ -315,17 +326,16 @@ class Trainer:
             return "float32"
         return {"fp16": "float16", "bf16": "bfloat16"}.get(self.accelerator.mixed_precision, "float32")
 
-    def probe_loss(self) -> torch.Tensor:
-        """Loss of the probe batch with fixed noise in eval mode: a fingerprint of the state."""
+    def probe_value(self, inputs: tp.Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The probe of the current state on ``inputs``, in eval mode under the run's autocast."""
         module = self.unwrapped
         was_training = module.training
         module.eval()
-        generator = torch.Generator(self.accelerator.device).manual_seed(
-            derive_seed(self.seed, self.stage, "probe"))
+        on_device = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
         with torch.no_grad(), self.accelerator.autocast():
-            loss = self.loss_with(module, self.probe_batch(), generator).float()
+            value = self.probe_with(module, on_device).double()
         module.train(was_training)
-        return loss
+        return value
 
     def sample_generator(self) -> torch.Generator:
         """A fresh generator for samples: never touches the training noise stream."""
@@ -336,14 +346,19 @@ class Trainer:
     def ema_weights(self) -> tp.ContextManager[None]:
         return _SwapEMA(self.ema, self.params)
 
+    def new_ema(self) -> EMAModel:
+        """An EMA of the trainable parameters as they are now, with the loop's settings."""
+        loop = self.loop
+        return EMAModel(self.params, decay=loop.ema_decay, update_after_step=loop.ema_update_after_step)
+
     # ----- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, tp.Any]:
         """State shared by all ranks, under named keys (rank 0 saves it)."""
         state = {
             "model": self.unwrapped.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "lr_schedule": self.lr_schedule.state_dict(),
             "train_state": self.state.state_dict(),
+            "data": self.train_stream.state_dict(),
         }
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
@@ -352,32 +367,79 @@ class Trainer:
         return state
 
     def load_state_dict(self, state: tp.Mapping[str, tp.Any]) -> None:
+        """Restore shared state; loop settings (LR schedule, weight decay, EMA decay) come from the
+        config of this run, so a changed setting applies from the restored step on."""
         self.unwrapped.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.state.load_state_dict(state["train_state"])
+        self.train_stream.load_state_dict(state["data"])
+        self._load_ema(state.get("ema"))
+        self._load_scaler(state.get("grad_scaler"))
+        self.apply_loop_settings()
+
+    def apply_loop_settings(self) -> None:
+        """Put this run's loop settings on the restored optimizer, schedule and EMA.
+
+        The LR schedule is a function of (config, step), so it is rebuilt at the restored
+        step rather than loaded: the same floats as an uninterrupted run when nothing changed.
+        """
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.loop.lr
+            group["weight_decay"] = self.loop.weight_decay
+        optimizer = tp.cast(torch.optim.Optimizer, getattr(self.optimizer, "optimizer", self.optimizer))
+        self.lr_schedule = LambdaLR(optimizer, warmup_cosine(self.loop), last_epoch=self.state.step - 1)
         if self.ema is not None:
-            self.ema.load_state_dict(state["ema"])
-        if self.accelerator.scaler is not None and "grad_scaler" in state:
-            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
+            self.ema.decay = self.loop.ema_decay
+            self.ema.update_after_step = self.loop.ema_update_after_step
+
+    def _load_ema(self, saved: tp.Mapping[str, tp.Any] | None) -> None:
+        main = self.accelerator.is_main_process
+        if self.ema is None:
+            if saved is not None and main:
+                logger.warning("%s: trainer.use_ema is false: the checkpoint's EMA weights are not used "
+                               "(they stay in that checkpoint)", self.stage)
+            return
+        if saved is None:
+            self.ema = self.new_ema()
+            if main:
+                logger.warning("%s: the checkpoint has no EMA (saved with use_ema false); the EMA starts "
+                               "from the restored weights", self.stage)
+            return
+        self.ema.load_state_dict(dict(saved))
+        # load_state_dict keeps the tensors where they were read (the CPU); ema.step needs them
+        # beside the parameters (a GPU resume would otherwise fail on its first step).
+        self.ema.to(device=self.accelerator.device)
+
+    def _load_scaler(self, saved: tp.Mapping[str, tp.Any] | None) -> None:
+        scaler = self.accelerator.scaler
+        if scaler is not None and saved is not None:
+            scaler.load_state_dict(dict(saved))
+        elif scaler is not None and self.accelerator.is_main_process:
+            logger.warning("%s: the checkpoint has no fp16 loss scale; it starts afresh", self.stage)
 
     def rank_state_dict(self) -> dict[str, tp.Any]:
-        """State of this rank only: its RNGs and its data position."""
-        return {"rng": capture_rng(), "noise_rng": self.noise.get_state(),
-                "data": self.train_stream.state_dict()}
+        """State of this rank only: its RNGs (the data position is shared, see ``state_dict``)."""
+        return {"rng": capture_rng(self.accelerator.device), "noise_rng": self.noise.get_state()}
 
-    def load_rank_state_dict(self, state: tp.Mapping[str, tp.Any], rank_specific: bool = True) -> None:
-        self.train_stream.load_state_dict(state["data"])
-        if rank_specific:
-            restore_rng(state["rng"])
-            self.noise.set_state(state["noise_rng"])
+    def load_rank_state_dict(self, state: tp.Mapping[str, tp.Any]) -> None:
+        restore_rng(state["rng"], self.accelerator.device)
+        self.noise.set_state(state["noise_rng"])
+
+    def reseed_rank(self, step: int) -> None:
+        """Fresh per-rank random streams for a resume that cannot restore this rank's own
+        (another number of processes or another device type), derived from seed, rank and step."""
+        rank = self.accelerator.process_index
+        set_seed(derive_seed(self.seed, self.stage, "global", rank, "resume", step) % 2**32)
+        self.noise.manual_seed(derive_seed(self.seed, self.stage, "noise", rank, "resume", step))
 
 
-def _cpu_group() -> tp.Any:
-    """A gloo process group for small host-side flags (the default group when it is gloo)."""
-    if torch.distributed.get_backend() == "gloo":
-        return torch.distributed.group.WORLD
-    return torch.distributed.new_group(backend="gloo")
+def fresh_grad_scaler(used: torch.amp.GradScaler) -> torch.amp.GradScaler:
+    """A GradScaler with ``used``'s settings and none of its history (a new stage's own loss scale)."""
+    return torch.amp.GradScaler(
+        used._device, init_scale=used._init_scale, growth_factor=used.get_growth_factor(),
+        backoff_factor=used.get_backoff_factor(), growth_interval=used.get_growth_interval(),
+        enabled=used.is_enabled(),
+    )
 
 
 class _SwapEMA:

@@ -78,6 +78,12 @@ class LatentDiffusionTrainer(Trainer):
     def loss_with(self, module: nn.Module, batch: Batch, generator: torch.Generator) -> torch.Tensor:
         return tp.cast(torch.Tensor, module(batch["image"], batch["cond"], generator=generator))
 
+    def make_probe_inputs(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return self.ldm.probe_inputs(batch["image"], batch["cond"], generator)
+
+    def probe_with(self, module: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return tp.cast(ConditionalLDM, module).probe(**inputs)
+
     def scale_factor_value(self) -> float:
         return float(self.ldm.scale_factor)
 

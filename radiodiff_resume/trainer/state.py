@@ -33,8 +33,9 @@ def derive_seed(seed: int, *tags: int | str) -> int:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
 
 
-def capture_rng() -> dict[str, tp.Any]:
-    """Global RNG states of this process (python, numpy, torch, cuda when present)."""
+def capture_rng(device: torch.device) -> dict[str, tp.Any]:
+    """Global RNG states of this process: python, numpy, torch, and the CUDA generator of the
+    one GPU this rank uses (not of every visible GPU: a node may show another number)."""
     version, internal, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state: dict[str, tp.Any] = {
@@ -43,18 +44,18 @@ def capture_rng() -> dict[str, tp.Any]:
                   "has_gauss": int(has_gauss), "cached": float(cached)},
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def restore_rng(state: tp.Mapping[str, tp.Any]) -> None:
-    """Inverse of :func:`capture_rng`; a CUDA state saved on a GPU needs a GPU to restore."""
+def restore_rng(state: tp.Mapping[str, tp.Any], device: torch.device) -> None:
+    """Inverse of :func:`capture_rng`; a CUDA state is restored only onto a GPU."""
     py = state["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
     n = state["numpy"]
     np.random.set_state((n["kind"], np.asarray(n["keys"], dtype=np.uint32), n["pos"],
                          n["has_gauss"], n["cached"]))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import typing as tp
 from pathlib import Path
@@ -10,7 +11,9 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from radiodiff_resume.checkpoint.manifest import MANIFEST, sha256_file
+from radiodiff_resume.checkpoint.files import component_files, decode_component, write_files
+from radiodiff_resume.checkpoint.manifest import MANIFEST, checksum
+from radiodiff_resume.checkpoint.verify import open_checkpoint
 from radiodiff_resume.config import Config
 from radiodiff_resume.run import build_ldm_trainer
 from radiodiff_resume.trainer.ldm import LatentDiffusionTrainer
@@ -34,6 +37,10 @@ def committed(results: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
 
 
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def hashes(folder: Path) -> dict[str, str]:
     """sha256 of every file under ``folder`` (relative path → digest)."""
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -44,7 +51,9 @@ def read_manifest(ckpt: Path) -> dict[str, tp.Any]:
 
 
 def write_manifest(ckpt: Path, raw: tp.Mapping[str, tp.Any]) -> None:
-    (ckpt / MANIFEST).write_text(json.dumps(raw, indent=1, sort_keys=True))
+    """Write ``raw`` as the manifest with a matching checksum (a consistent forgery)."""
+    body = {k: v for k, v in raw.items() if k != "checksum"}
+    (ckpt / MANIFEST).write_text(json.dumps({**body, "checksum": checksum(body)}, indent=1, sort_keys=True))
 
 
 def reseal(ckpt: Path, name: str) -> None:
@@ -83,3 +92,32 @@ def events(results: Path, name: str) -> list[dict[str, tp.Any]]:
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [r for r in records if r["event"] == name]
+
+
+def write_component(folder: Path, name: str, tree: tp.Any) -> list[Path]:
+    """Write one component's files as a checkpoint save does; the paths written."""
+    return [folder / n for n in write_files(folder, component_files(name, tree))]
+
+
+def read_component(folder: Path, name: str) -> tp.Any:
+    """A component read straight from its files (no manifest), as the checkpoint would decode it."""
+    paths = (folder / f"{name}.json", folder / f"{name}.safetensors")
+    blobs = {p.name: p.read_bytes() for p in paths if p.exists()}
+    return decode_component(blobs, name)
+
+
+def read_shared(ckpt: Path) -> dict[str, tp.Any]:
+    """The shared state a verified LDM checkpoint holds (what ``trainer.state_dict()`` gave at save)."""
+    return {k: v for k, v in open_checkpoint(ckpt, "ldm").shared.items() if k != "probe"}
+
+
+def tensor_equal_trees(a: tp.Any, b: tp.Any) -> bool:
+    """Exact equality of two state trees (dtypes and bits): what a restore must reproduce."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensor_equal_trees(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(
+            tensor_equal_trees(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)

@@ -13,10 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from radiodiff_resume.checkpoint.checkpointer import tensor_equal_trees
 from radiodiff_resume.checkpoint.codec import CodecError, decode, encode
-from radiodiff_resume.checkpoint.store import read_component, write_component
 from radiodiff_resume.errors import UserError
+from tests.checkpoint.helpers import read_component, tensor_equal_trees, write_component
 
 
 def assert_identical(a: tp.Any, b: tp.Any, path: str = "<root>") -> None:

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from radiodiff_resume.checkpoint.checkpointer import read_shared, tensor_equal_trees
-from radiodiff_resume.checkpoint.store import read_component
+from radiodiff_resume.checkpoint.store import REASON_SUFFIX
 from radiodiff_resume.config import Config
 from radiodiff_resume.errors import UserError
 from tests.checkpoint.helpers import (
@@ -22,16 +21,24 @@ from tests.checkpoint.helpers import (
     committed,
     events,
     hashes,
+    read_component,
+    read_shared,
     reseal,
     rewrite_tensors,
+    tensor_equal_trees,
     truncate,
 )
 from tests.conftest import write_random_first_stage
 
 
 def quarantined(results: Path) -> list[Path]:
+    """Quarantined checkpoint folders (their reason files lie beside them)."""
     folder = results / "checkpoints" / "quarantine"
-    return sorted(folder.iterdir()) if folder.is_dir() else []
+    return sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+
+def reason(moved: Path) -> str:
+    return moved.with_name(moved.name + REASON_SUFFIX).read_text()
 
 
 def nudge(ckpt: Path) -> None:
@@ -51,7 +58,7 @@ def nan(ckpt: Path) -> None:
 def assert_holds(trainer: tp.Any, ckpt: Path) -> None:
     """The trainer's shared and rank state are exactly those stored in ``ckpt``."""
     assert tensor_equal_trees(trainer.state_dict(), read_shared(ckpt))
-    assert trainer.train_stream.state_dict() == read_component(ckpt, "rank-00000")["data"]
+    assert tensor_equal_trees(trainer.noise.get_state(), read_component(ckpt, "rank-00000")["noise_rng"])
 
 
 @pytest.mark.parametrize(
@@ -59,11 +66,10 @@ def assert_holds(trainer: tp.Any, ckpt: Path) -> None:
     [
         (lambda c: truncate(c / "model.safetensors"), "structure", "model.safetensors has"),
         (nan, "finite", "model.cond_encoder.net.0.weight"),
-        (nudge, "probe", "differ from those saved"),
     ],
-    ids=["truncated", "nan", "probe"],
+    ids=["truncated", "nan"],
 )
-def test_corrupted_newest_is_quarantined_and_the_older_is_resumed(
+def test_damaged_newest_is_quarantined_and_the_older_is_resumed(
     corrupt: tp.Callable[[Path], None], level: str, why: str, run: Path, run_cfg: tp.Callable[..., Config]
 ) -> None:
     ckdir = run / "checkpoints"
@@ -79,13 +85,13 @@ def test_corrupted_newest_is_quarantined_and_the_older_is_resumed(
     assert committed(run) == [STEP2]
     [moved] = quarantined(run)
     assert moved.name.startswith(f"{STEP4}-")
-    reason = (moved / "QUARANTINE_REASON.txt").read_text()
-    assert f"{level:<13} FAILED" in reason and why in reason, reason
-    assert {k: v for k, v in hashes(moved).items() if k != "QUARANTINE_REASON.txt"} == bad_files
+    text = reason(moved)
+    assert f"{level:<13} FAILED" in text and why in text, text
+    assert hashes(moved) == bad_files, "moved unchanged: nothing added to or removed from the folder"
     [event] = events(run, "checkpoint_quarantined")
     assert event["path"] == str(ckdir / STEP4)
     assert event["to"] == str(moved)
-    assert event["reason"] + "\n" == reason
+    assert event["reason"] + "\n" == text
     [resumed] = events(run, "resumed")
     assert (resumed["step"], resumed["path"]) == (2, str(ckdir / STEP2))
     assert events(run, "fresh_start") == []
@@ -101,13 +107,40 @@ def test_step_folder_without_manifest_is_quarantined(run: Path, run_cfg: tp.Call
     assert trainer.state.step == 2
     [moved] = quarantined(run)
     assert moved.name.startswith(f"{STEP4}-")
-    assert "manifest.json missing (the save never committed)" in (moved / "QUARANTINE_REASON.txt").read_text()
+    assert "manifest.json missing (the save never committed)" in reason(moved)
     assert len(events(run, "checkpoint_quarantined")) == 1
 
 
-def test_all_corrupted_is_an_error_and_nothing_starts(run: Path, run_cfg: tp.Callable[..., Config]) -> None:
+def test_a_probe_mismatch_stops_the_run_moves_nothing_and_the_override_resumes(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    """Files that hash correctly but do not compute what was saved are a difference (code, numerics),
+    not proof of damage: no quarantine, no fallback to an older checkpoint, a message and an override."""
     ckdir = run / "checkpoints"
     nudge(ckdir / STEP4)
+    before = hashes(ckdir)
+
+    with pytest.raises(UserError) as info:
+        build(run_cfg()).checkpointer.resume()
+
+    message = str(info.value)
+    assert f"{ckdir / STEP4} is intact but cannot be resumed as configured (nothing was moved)" in message
+    assert "probe         FAILED" in message and "bit-exact (identical environment)" in message
+    assert "checkpoint.accept_probe_mismatch=true" in message
+    assert hashes(ckdir) == before and quarantined(run) == []
+    [refused] = events(run, "resume_refused")
+    assert refused["level"] == "probe"
+
+    accepted = build(run_cfg("checkpoint.accept_probe_mismatch=true"))
+    assert accepted.checkpointer.resume() == ckdir / STEP4
+    assert accepted.state.step == 4
+    assert "MISMATCH accepted" in tp.cast(tp.Any, accepted.checkpointer.verified).levels["probe"].detail
+    assert hashes(ckdir) == before
+
+
+def test_all_damaged_is_an_error_and_nothing_starts(run: Path, run_cfg: tp.Callable[..., Config]) -> None:
+    ckdir = run / "checkpoints"
+    nan(ckdir / STEP4)
     truncate(ckdir / STEP2 / "optimizer.safetensors")
     trainer = build(run_cfg("trainer.train_num_steps=6"))
 
@@ -117,7 +150,7 @@ def test_all_corrupted_is_an_error_and_nothing_starts(run: Path, run_cfg: tp.Cal
     message = str(info.value)
     assert "none verifies" in message
     assert "checkpoint.resume=never" in message
-    assert f"{STEP4}: probe" in message and f"{STEP2}: structure" in message
+    assert f"{STEP4}: finite" in message and f"{STEP2}: structure" in message
     assert str(ckdir / "quarantine") in message
     assert committed(run) == []
     assert [p.name.rsplit("-", 1)[0] for p in quarantined(run)] == [STEP2, STEP4]
@@ -139,9 +172,33 @@ def test_rerun_after_everything_was_quarantined_still_refuses_to_start_fresh(
     assert len(quarantined(run)) == 2
 
     again = build(run_cfg())
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"only quarantined ones .* \*\.reason\.txt"):
         again.checkpointer.resume()
     assert events(run, "fresh_start") == []
+
+
+def test_a_quarantined_checkpoint_once_repaired_resumes_by_name(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    """The documented recovery path: the folder in quarantine/ is byte for byte what was there, so
+    after repairing the damaged file it verifies and resumes with checkpoint.resume=<that folder>."""
+    ckdir = run / "checkpoints"
+    good = (ckdir / STEP4 / "model.safetensors").read_bytes()
+    truncate(ckdir / STEP4 / "model.safetensors")
+    assert build(run_cfg()).checkpointer.resume() == ckdir / STEP2
+    [moved] = quarantined(run)
+
+    (moved / "model.safetensors").write_bytes(good)
+    trainer = build(run_cfg("checkpoint.keep_last=2", f"checkpoint.resume={moved}"))
+
+    assert trainer.checkpointer.resume() == moved
+    assert trainer.state.step == 4
+    assert committed(run) == [STEP2], "the older checkpoint of the same line stays"
+    for step in (5, 6, 7):
+        trainer.state.step = step
+        trainer.checkpointer.save()
+    assert committed(run) == ["step-00000006", "step-00000007"]
+    assert moved.is_dir() and (moved / "model.safetensors").read_bytes() == good
 
 
 def test_no_checkpoints_is_a_fresh_start(make_cfg: tp.Callable[..., Config], tmp_path: Path) -> None:
@@ -168,25 +225,32 @@ def test_resume_never_sets_existing_checkpoints_aside(run: Path, run_cfg: tp.Cal
     assert trainer.state.step == 0
     assert [e["reason"] for e in events(run, "fresh_start")] == ["checkpoint.resume=never"]
     assert committed(run) == []
-    (aside,) = [e["to"] for e in events(run, "checkpoints_set_aside")]
-    after = {f"{Path(aside).name}/{k}": v for k, v in before.items()}
-    assert hashes(run / "checkpoints") == after, "nothing lost: the old run's files are kept, unchanged"
+    (aside,) = [Path(e["to"]) for e in events(run, "checkpoints_set_aside")]
+    after = {f"{aside.name}/{k}": v for k, v in before.items()}
+    note = f"{aside.name}/SET_ASIDE.txt"
+    assert {k: v for k, v in hashes(run / "checkpoints").items() if k != note} == after, \
+        "nothing lost: the old run's files are kept, unchanged"
+    assert "checkpoint.resume=never" in (aside / "SET_ASIDE.txt").read_text()
     assert quarantined(run) == []
 
 
-def test_resume_from_a_named_checkpoint_loads_exactly_that_one(
+def test_resume_from_a_named_older_checkpoint_sets_the_newer_ones_aside(
     run: Path, run_cfg: tp.Callable[..., Config]
 ) -> None:
     ckdir = run / "checkpoints"
+    newer = hashes(ckdir / STEP4)
     trainer = build(run_cfg(f"checkpoint.resume={ckdir / STEP2}"))
 
     assert trainer.checkpointer.resume() == ckdir / STEP2
 
     assert trainer.state.step == 2
     assert_holds(trainer, ckdir / STEP2)
-    assert committed(run) == [STEP2, STEP4]
+    assert committed(run) == [STEP2]
     [resumed] = events(run, "resumed")
     assert resumed["path"] == str(ckdir / STEP2)
+    [aside] = events(run, "checkpoints_set_aside")
+    assert aside["folders"] == STEP4
+    assert hashes(Path(aside["to"]) / STEP4) == newer, "set aside unchanged, never deleted"
 
 
 def test_a_named_checkpoint_that_fails_is_an_error_and_is_not_quarantined(
@@ -201,7 +265,8 @@ def test_a_named_checkpoint_that_fails_is_an_error_and_is_not_quarantined(
         trainer.checkpointer.resume()
 
     message = str(info.value)
-    assert f"checkpoint.resume={ckdir / STEP2} does not verify" in message
+    assert f"checkpoint.resume={ckdir / STEP2} does not verify (it is damaged; a checkpoint you name is " \
+        "never moved)" in message
     assert "structure     FAILED" in message and "model.safetensors has" in message
     assert hashes(ckdir) == before, "a named checkpoint is never moved or changed"
     assert quarantined(run) == [] and events(run, "checkpoint_quarantined") == []

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from radiodiff_resume.checkpoint.codec import CodecError
+from radiodiff_resume.checkpoint.store import SaveFailed
 from radiodiff_resume.config import Config
 from radiodiff_resume.errors import ConfigError, HaltError, StopRequested, UserError
 from tests.checkpoint.helpers import FAST, STEP2, STEP4, build, committed, events, hashes
@@ -48,7 +49,7 @@ def test_retention_keeps_the_newest_and_the_multiples(
 
 
 def test_retention_runs_only_after_a_commit(run: Path, run_cfg: tp.Callable[..., Config]) -> None:
-    """A save failing mid-way deletes nothing; the next successful one prunes and replaces the leftover."""
+    """A save failing mid-way deletes nothing and leaves no staging folder; the next successful one prunes."""
     ckdir = run / "checkpoints"
     first = build(run_cfg())  # keep_last=3
     assert first.checkpointer.resume() == ckdir / STEP4
@@ -63,13 +64,15 @@ def test_retention_runs_only_after_a_commit(run: Path, run_cfg: tp.Callable[...,
     group = trainer.optimizer.param_groups[0]
     group["note"] = object()  # state the codec refuses: the save fails after its staging folder was begun
 
-    with pytest.raises(CodecError, match="'param_groups/0/note'"):
+    with pytest.raises(SaveFailed, match="rank 0: CodecError: .*'param_groups/0/note'") as info:
         trainer.checkpointer.save()
 
+    assert isinstance(info.value.__cause__, CodecError)
+    assert "earlier checkpoints are untouched (the newest committed checkpoint is " in str(info.value)
     assert steps(run) == [2, 4, 5], "nothing may be pruned before the new checkpoint is committed"
-    assert {k: v for k, v in hashes(ckdir).items() if not k.startswith(".staging-")} == before
+    assert hashes(ckdir) == before, "the failed save left nothing behind"
     staging = ckdir / ".staging-step-00000006"
-    assert staging.is_dir() and not (staging / "manifest.json").exists()
+    assert not staging.exists()
     assert [e["step"] for e in events(run, "checkpoint_saved")] == [5]
 
     del group["note"]

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from radiodiff_resume.checkpoint.checkpointer import read_shared, tensor_equal_trees
-from radiodiff_resume.checkpoint.verify import LEVELS, Report
+from radiodiff_resume.checkpoint.verify import INTEGRITY, LEVELS, Report
 from radiodiff_resume.config import Config
 from tests.checkpoint.conftest import Golden
 from tests.checkpoint.helpers import (
@@ -24,7 +23,9 @@ from tests.checkpoint.helpers import (
     flip_byte,
     hashes,
     read_manifest,
+    read_shared,
     rewrite_tensors,
+    tensor_equal_trees,
     truncate,
     write_manifest,
 )
@@ -58,7 +59,7 @@ def test_good_checkpoint_verifies_at_every_level_and_restores_the_saved_state(
     assert report.failure is None
     assert [lv.ok for lv in report.levels.values()] == [True] * 5
     assert "bit-exact" in report.levels["probe"].detail
-    assert report.levels["structure"].detail.startswith("10 files")
+    assert report.levels["structure"].detail.startswith("13 files")
     manifest = read_manifest(ckpt)
     assert report.levels["scale_factor"].detail == f"{manifest['scale_factor']:.6g}"
     assert trainer.state.step == 4
@@ -116,18 +117,18 @@ CORRUPTIONS: dict[str, tuple[tp.Callable[[Path], None], str, str]] = {
     "missing-rank-file": (lambda c: (c / "rank-00000.json").unlink(), "structure",
                           r"rank-00000\.json missing"),
     "stray-file": (lambda c: (c / "notes.txt").write_text("hi"), "structure",
-                   r"stray file\(s\) not in the manifest: notes\.txt"),
+                   r"stray entries not in the manifest: notes\.txt"),
     "stray-folder": (lambda c: (c / "extra").mkdir(), "structure",
-                     r"stray file\(s\) not in the manifest: extra/"),
+                     r"stray entries not in the manifest: extra/"),
     "missing-manifest": (lambda c: (c / "manifest.json").unlink(), "structure", r"manifest\.json missing"),
     "garbage-manifest": (lambda c: (c / "manifest.json").write_bytes(b"\x00{not json\xff"), "structure",
-                         r"manifest\.json unreadable"),
+                         r"manifest\.json: not valid JSON"),
     "truncated-manifest": (lambda c: truncate(c / "manifest.json"), "structure",
-                           r"manifest\.json unreadable"),
+                           r"manifest\.json: not valid JSON"),
     "nan-in-model": (nan_into_model, "finite", rf"non-finite values in 1 tensor\(s\): model\.{NAN_TENSOR}$"),
     "inf-in-optimizer": (inf_into_optimizer, "finite", r"1 tensor\(s\): optimizer\.state\.5\.exp_avg_sq$"),
     "scale-factor-in-manifest": (change_scale_factor, "scale_factor", r"weights hold .*, manifest recorded"),
-    "nudged-weight": (nudge_weight, "probe", r"differ from those saved"),
+    "nudged-weight": (nudge_weight, "probe", r"do not compute what was saved"),
 }
 
 
@@ -145,6 +146,7 @@ def test_corrupted_copy_fails_at_its_level(
     report = trainer.checkpointer.verify_and_load(bad)
 
     assert_fails_at(report, level)
+    assert report.damaged == (level in INTEGRITY), "only integrity levels prove damage"
     assert report.levels[level].detail, report.describe()
     assert re.search(detail, report.levels[level].detail), report.describe()
     if LEVELS.index(level) < LEVELS.index("probe"):
@@ -170,8 +172,9 @@ def test_nudged_weight_probe_detail_shows_both_losses(run: Path, run_cfg: tp.Cal
     report = build(run_cfg()).checkpointer.verify_and_load(ckpt)
     assert_fails_at(report, "probe")
     detail = report.levels["probe"].detail
-    assert f"vs recorded {recorded!r}, bit-exact" in detail
-    assert detail.startswith("loss ") and not detail.startswith(f"loss {recorded!r} ")
+    assert f"vs recorded {recorded!r}, bit-exact (identical environment)" in detail
+    assert not detail.startswith(f"{recorded!r} "), "the recomputed value differs from the recorded one"
+    assert not report.damaged, "a probe mismatch is a difference, not proof of damage"
 
 
 def test_checkpoint_of_another_architecture_fails_keys_with_a_readable_diff(

@@ -57,7 +57,7 @@ def test_scale_by_std_sets_scale_factor_once_on_a_fresh_run(make_cfg) -> None:
     with torch.no_grad():
         z = trainer.ldm.first_stage.encode(image).latent_dist.sample(torch.Generator().manual_seed(1))
     assert value == pytest.approx(1 / z.std().item(), rel=0.15)
-    assert trainer.train_stream.state_dict() == {"epoch": 0, "position": 1}, "peek must not consume data"
+    assert trainer.train_stream.state_dict() == {"epoch": 0, "offset": 4}, "peek must not consume data"
 
 
 def test_fixed_scale_factor_is_used_as_given(make_cfg) -> None:
