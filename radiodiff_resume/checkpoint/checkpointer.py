@@ -315,8 +315,9 @@ class Checkpointer:
             saved = _yaml_mapping((report.path / CONFIG_FILE).read_text())
         except OSError:
             saved = {}
+        # The checkpoint holds the first-stage weights itself: their path never explains a mismatch.
         changed = [(k, w, n) for k, w, n in config_changes(saved, self.trainer.run_config)
-                   if k.startswith("model.")]
+                   if k.startswith("model.") and k != "model.first_stage.ckpt_path"]
         if not changed:
             return ("No model.* config key changed since that checkpoint, so the model code did: resume "
                     "with the radiodiff_resume version that wrote it, or start fresh with "

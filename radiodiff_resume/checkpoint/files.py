@@ -47,11 +47,16 @@ def component_files(name: str, tree: tp.Any) -> dict[str, bytes]:
 
 
 def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it."""
-    with path.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    """Write ``data`` to ``path`` and fsync it; a failure names the file (a failed write does not)."""
+    try:
+        with path.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 def write_files(folder: Path, files: tp.Mapping[str, bytes]) -> dict[str, FileRecord]:

@@ -89,15 +89,15 @@ class Manifest:
             raise ManifestError(f"not valid JSON ({type(exc).__name__}: {_short(exc)})") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise ManifestError(f"not a {FORMAT} manifest")
-        if raw.get("version") != VERSION:
+        body = {k: v for k, v in raw.items() if k != "checksum"}
+        if "checksum" in raw and raw["checksum"] != checksum(body):
+            raise ManifestError("checksum mismatch (the manifest was changed after the save)")
+        if raw.get("version") != VERSION:  # an intact manifest of another format version: not damage
             raise ManifestError(
                 f"format version {raw.get('version')!r}, this build of radiodiff_resume reads version "
                 f"{VERSION}: finish that run with the version that wrote it, or start a new run with "
                 "checkpoint.resume=never", integrity=False)
-        stored = _get(raw, "checksum", str)
-        body = {k: v for k, v in raw.items() if k != "checksum"}
-        if stored != checksum(body):
-            raise ManifestError("checksum mismatch (the manifest was changed after the save)")
+        _get(raw, "checksum", str)
         expected = {f.name for f in fields(cls)} | {"checksum"}
         if set(raw) != expected:
             extra, missing = sorted(set(raw) - expected), sorted(expected - set(raw))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typing as tp
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DModel
@@ -124,3 +126,57 @@ def test_user_denoiser_plugs_in_with_target_params(tmp_path, synth_cache) -> Non
     assert isinstance(model.unet, TinyDenoiser)
     loss = model(torch.rand(2, 1, 32, 32), torch.rand(2, 3, 32, 32), torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
+
+
+def test_the_frozen_first_stage_runs_in_fp32_under_autocast(ldm: ConditionalLDM) -> None:
+    """Autoencoders overflow in fp16, and scale_factor is measured in fp32: encode and decode leave
+    autocast off whatever the trainer's mixed precision (shown with bf16, which a CPU can run)."""
+    ldm.eval()
+    image = torch.rand(2, 1, 32, 32) * 2 - 1
+    plain = (ldm.encode_mode(image), ldm.latent_moments(image, torch.Generator().manual_seed(1)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = ldm.encode_mode(image)
+        moments = ldm.latent_moments(image, torch.Generator().manual_seed(1))
+        sampled = ldm.encode(image, torch.Generator().manual_seed(2))
+        out = ldm.decode(z)
+    assert z.dtype == sampled.dtype == out.dtype == torch.float32
+    assert torch.equal(z, plain[0]) and torch.equal(moments, plain[1]), "bit for bit the fp32 result"
+    assert torch.equal(out, ldm.decode(plain[0]))
+
+
+def test_ddim_keeps_its_latent_trajectory_in_fp32_under_autocast(
+    ldm: ConditionalLDM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from diffusers import DDIMScheduler
+
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    step = DDIMScheduler.step
+
+    def spy(self: DDIMScheduler, model_output: torch.Tensor, timestep: tp.Any, sample: torch.Tensor,
+            *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+        seen.append((model_output.dtype, sample.dtype))
+        return step(self, model_output, timestep, sample, *args, **kwargs)
+
+    monkeypatch.setattr(DDIMScheduler, "step", spy)
+    ldm.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ldm.sample(torch.rand(2, 3, 32, 32), generator=torch.Generator().manual_seed(0), steps=3)
+    assert seen == [(torch.float32, torch.float32)] * 3
+    assert out.dtype == torch.float32
+
+
+def test_probe_uses_no_loss_setting(make_cfg) -> None:
+    """The probe is a function of the state alone: another loss type, prediction type or noise
+    schedule in the config gives the same value on the same inputs."""
+    values = []
+    for overrides in ((), ("model.loss_type=l1", "model.prediction_type=v_prediction",
+                           "model.beta_schedule=squaredcos_cap_v2")):
+        cfg = make_cfg(*overrides)
+        torch.manual_seed(0)
+        model = build_ldm(cfg, build_first_stage(cfg)).eval()
+        inputs = model.probe_inputs(torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3)),
+                                    torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(4)),
+                                    torch.Generator().manual_seed(5))
+        values.append(model.probe(**inputs))
+    assert values[0].dtype == torch.float64 and torch.isfinite(values[0])
+    assert torch.equal(values[0], values[1])
