@@ -34,7 +34,7 @@ import safetensors
 import torch
 
 import radiodiff_resume.checkpoint.checkpointer as checkpointer_mod
-import radiodiff_resume.checkpoint.store as store_mod
+import radiodiff_resume.checkpoint.files as files_mod
 import radiodiff_resume.checkpoint.verify as verify_mod
 from radiodiff_resume.build import write_untrained_first_stage
 from radiodiff_resume.config import load_config
@@ -164,11 +164,9 @@ class Bench:
         """What ``Checkpointer.resume`` does on rank 0 for a chosen checkpoint."""
         ckpt = self.trainer.checkpointer
         report = ckpt.verify_and_load(self.ours)
-        if not report.ok:
+        if not report.ok or report.checkpoint is None:
             raise RuntimeError(f"our checkpoint does not verify:\n{report.describe()}")
-        restore_rank_state = getattr(ckpt, "_load_rank_state", None)  # private: tolerate a rename
-        if restore_rank_state is not None:
-            restore_rank_state(self.ours)
+        self.trainer.load_rank_state_dict(report.checkpoint.ranks[0])
 
     def op_ours_load(self) -> float:
         return _timed(self.ours_load)
@@ -177,7 +175,8 @@ class Bench:
         return _timed(lambda: self.acc.load_state(str(self.base)))
 
     def op_probe(self) -> float:
-        return _timed(self.trainer.probe_loss)
+        inputs = self.trainer.probe_inputs()
+        return _timed(lambda: self.trainer.probe_value(inputs))
 
 
 def _timed(fn: tp.Callable[[], object]) -> float:
@@ -256,29 +255,24 @@ def breakdown(bench: Bench, repeats: int) -> tuple[dict[str, float], dict[str, f
     save_targets = [
         (t, "state_dict", "state_dict()"),
         (checkpointer_mod, "nonfinite_names", NONFINITE),
-        (t, "probe_loss", "probe forward"),
-        (store_mod, "encode", "encode (tree → tensors + JSON tree)"),
-        (store_mod, "save_file", "safetensors save_file (to the page cache)"),
-        (store_mod, "save_tensors", "safetensors serialize (to bytes in memory)"),
-        (store_mod, "hash_files", "sha256 (reads every file back)"),
-        (store_mod, "sha256_file", "sha256 (reads every file back)"),
-        (store_mod, "sha256_bytes", "sha256 (of bytes in memory)"),
+        (t, "probe_value", "probe forward"),
+        (files_mod, "encode", "encode (tree → tensors + JSON tree)"),
+        (files_mod, "save_tensors", "safetensors serialize (to bytes in memory)"),
+        (files_mod, "record_of", "sha256 (of the bytes in memory)"),
         (os, "fsync", "fsync (files + folders)"),
-        (store_mod, "write_durable", "file writes (bytes to the page cache)"),
-        (t.checkpointer.store, "save", "staging folder, JSON dumps, manifest, rename"),
+        (files_mod, "write_durable", "file writes (bytes to the page cache)"),
+        (t.checkpointer.store, "save", "staging folder, manifest, rename, rank agreement"),
     ]
     load_targets = [
-        (checkpointer_mod, "check_structure", "manifest + stat (structure check)"),
-        (verify_mod, "sha256_file", "sha256 (reads every file)"),
-        (verify_mod, "hash_files", "sha256 (reads every file)"),
-        (checkpointer_mod, "read_component", "JSON parse + tree decode"),
-        (store_mod, "load_file", "safetensors load_file (reads the files again)"),
-        (Path, "read_bytes", "file reads again (read_bytes)"),
-        (store_mod, "load_tensors", "safetensors decode (from bytes)"),
+        (verify_mod, "read_manifest", "manifest parse + checksum"),
+        (verify_mod, "listing_problems", "folder listing (stat)"),
+        (verify_mod, "read_files", "read once + sha256 (threads)"),
+        (files_mod, "load_tensors", "safetensors decode (from the bytes read)"),
+        (verify_mod, "decode_component", "JSON parse + tree decode"),
         (checkpointer_mod, "check_keys", "keys check"),
         (checkpointer_mod, "check_finite", NONFINITE),
         (t, "load_state_dict", "load_state_dict"),
-        (t, "probe_loss", "probe forward"),
+        (t, "probe_value", "probe forward"),
         (t, "load_rank_state_dict", "rank state restore"),
     ]
     saves: list[dict[str, float]] = []
@@ -475,13 +469,15 @@ generator. For accelerate, `prepare()` registered the model and optimizer; the b
 the content matches (they become `custom_checkpoint_0..4.pkl`, in that order).
 
 - **ours, save** = `trainer.checkpointer.save()`: `state_dict()`, non-finite scan of model /
-  EMA / optimizer, probe forward on a fixed batch, safetensors + JSON per component (no
-  pickle) in a staging folder with an fsync per file, sha256 of every file, `manifest.json`,
-  atomic rename, fsync of the folders, retention, an `events.jsonl` line.
-- **ours, load + verify** = `checkpointer.verify_and_load(path)` (manifest, size and sha256 of
-  every file, read of the state, strict keys / shapes / dtypes, non-finite scan, scale_factor,
-  `load_state_dict`, probe forward recomputed and compared) followed by the rank state restore
-  (`_load_rank_state`), i.e. what `resume()` does on rank 0.
+  EMA / optimizer, probe forward on stored inputs, safetensors + JSON per component (no
+  pickle) serialised to bytes, sha256 of those bytes, written to a staging folder with an
+  fsync per file, `manifest.json` (with its checksum), atomic rename, fsync of the folders,
+  retention, an `events.jsonl` line.
+- **ours, load + verify** = `checkpointer.verify_and_load(path)` (manifest and its checksum,
+  listing, each file read once and its sha256 taken from the bytes read, decode from those
+  bytes, component shape checks, non-finite scan, scale_factor, strict keys / shapes / dtypes,
+  `load_state_dict`, probe forward recomputed and compared) followed by the rank state
+  restore, i.e. what `resume()` does on rank 0.
 - **baseline, save** = `accelerator.save_state(dir)`: model as safetensors, optimizer,
   registered objects (`torch.save`, pickle) and `random_states_0.pkl`; no fsync, no hash, no
   atomic commit, no manifest. The labelled variant adds an fsync of every file it wrote and

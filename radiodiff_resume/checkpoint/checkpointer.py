@@ -107,7 +107,8 @@ class Checkpointer:
             return None
         self.events.emit("save_refused", stage=t.stage, step=step, nonfinite=bad[:20])
         return (
-            f"{t.stage}: refusing to save step {step}: non-finite values in {len(bad)} tensor(s) "
+            f"{t.stage}: refusing to save step {step}: non-finite values in {len(bad)} tensor(s) or "
+            "number(s) "
             f"({', '.join(bad[:4])}); the previous checkpoints are untouched. Rerun to resume "
             "from the last verified checkpoint, with a lower trainer.lr or "
             "trainer.mixed_precision=bf16 if this repeats."
@@ -347,12 +348,20 @@ class Checkpointer:
             return report
         if not check_scale_factor(report, ckpt.shared, ckpt.manifest, t.scale_factor_value() is not None):
             return report
-        if not check_keys(report, ckpt.shared, t.unwrapped.state_dict(), t.params):
+        groups = [len(g["params"]) for g in t.optimizer.param_groups]
+        if not check_keys(report, ckpt.shared, t.unwrapped.state_dict(), t.params, groups):
             return report
         conflict = t.resume_conflict(ckpt.manifest)
         if conflict:
             raise UserError(conflict)
-        t.load_state_dict(ckpt.shared)
+        try:
+            t.load_state_dict(ckpt.shared)
+        except (ValueError, TypeError, KeyError, IndexError, RuntimeError, RecursionError) as exc:
+            # It decoded and matched every check, yet torch / diffusers refuse it: most likely another
+            # library version's format. Not proof of damage, so it stops rather than quarantines.
+            report.set("keys", False, f"the state cannot be loaded into this run's objects "
+                                      f"({type(exc).__name__}: {exc}); saved with {ckpt.manifest.versions}")
+            return report
         if self._check_probe(report, ckpt):
             report.checkpoint = ckpt
         return report
@@ -384,7 +393,7 @@ class Checkpointer:
 def _yaml_mapping(text: str) -> dict[str, tp.Any]:
     try:
         data = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 

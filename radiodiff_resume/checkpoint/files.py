@@ -31,6 +31,9 @@ from radiodiff_resume.checkpoint.manifest import (
 )
 
 READ_THREADS = 4
+MAX_DEPTH = 32
+"""Our state trees are a few levels deep; anything deeper is not ours (and would overflow the
+recursion of a deep copy inside torch or diffusers)."""
 
 
 class CheckpointCorrupt(Exception):
@@ -132,6 +135,8 @@ def decode_component(blobs: tp.Mapping[str, bytes], name: str) -> tp.Any:
     """The state tree of component ``name`` from already hash-checked bytes."""
     try:
         structure = json.loads(blobs[f"{name}.json"])
+        if _depth(structure) > MAX_DEPTH:
+            raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
         tensor_file = f"{name}.safetensors"
         tensors: dict[str, torch.Tensor] = load_tensors(blobs[tensor_file]) if tensor_file in blobs else {}
         return decode(structure, tensors)
@@ -139,6 +144,14 @@ def decode_component(blobs: tp.Mapping[str, bytes], name: str) -> tp.Any:
         raise CheckpointCorrupt(f"{name} cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 
-def component_names(files: tp.Iterable[str], name: str) -> list[str]:
-    """The files (of ``files``) that make up component ``name``."""
-    return [f for f in files if f in (f"{name}.json", f"{name}.safetensors")]
+def _depth(tree: tp.Any) -> int:
+    """Nesting depth of a JSON tree, without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return deepest

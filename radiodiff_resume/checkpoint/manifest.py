@@ -21,7 +21,7 @@ MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 16 << 20
 """A manifest lists files and a few fields; anything larger is not one of ours."""
 
-FILE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 """What a listed file may be called: a plain name inside the folder (no ``/``, no ``..``)."""
 
 
@@ -84,15 +84,22 @@ class Manifest:
             raise ManifestError(f"{len(data)} bytes, more than a manifest can have")
         try:
             raw = json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys,
-                             parse_constant=_no_constant)
+                             parse_constant=_no_constant, parse_float=_finite_float)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ManifestError(f"not valid JSON ({type(exc).__name__}: {_short(exc)})") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             raise ManifestError(f"not a {FORMAT} manifest")
         body = {k: v for k, v in raw.items() if k != "checksum"}
-        if "checksum" in raw and raw["checksum"] != checksum(body):
+        try:
+            expected_sum = checksum(body)
+        except RecursionError:
+            raise ManifestError("nested too deeply to be a manifest") from None
+        if "checksum" in raw and raw["checksum"] != expected_sum:
             raise ManifestError("checksum mismatch (the manifest was changed after the save)")
-        if raw.get("version") != VERSION:  # an intact manifest of another format version: not damage
+        version = raw.get("version")
+        if not _is_int(version):
+            raise ManifestError(f"'version' must be an int, got {_short_repr(version)}")
+        if version != VERSION:  # an intact manifest of another format version: not damage
             raise ManifestError(
                 f"format version {raw.get('version')!r}, this build of radiodiff_resume reads version "
                 f"{VERSION}: finish that run with the version that wrote it, or start a new run with "
@@ -104,8 +111,11 @@ class Manifest:
             raise ManifestError(f"fields differ from the format (unexpected {extra}, missing {missing})")
         step = _get(raw, "step", int)
         world_size = _get(raw, "world_size", int)
+        files = _files(_get(raw, "files", dict))
         if step < 0 or world_size < 1:
             raise ManifestError(f"step {step} / world_size {world_size} out of range")
+        if world_size > len(files):  # every rank has a listed file
+            raise ManifestError(f"world_size {world_size} but only {len(files)} file(s) listed")
         scale = raw["scale_factor"]
         if scale is not None and not (_is_number(scale) and math.isfinite(scale) and scale > 0):
             raise ManifestError(f"scale_factor {scale!r} is not a finite positive number or null")
@@ -113,7 +123,7 @@ class Manifest:
             step=step, stage=_get(raw, "stage", str), world_size=world_size,
             line=_get(raw, "line", str), config_hash=_get(raw, "config_hash", str),
             scale_factor=None if scale is None else float(scale),
-            probe=_probe(_get(raw, "probe", dict)), files=_files(_get(raw, "files", dict)),
+            probe=_probe(_get(raw, "probe", dict)), files=files,
             created=_get(raw, "created", str), versions=_str_map(_get(raw, "versions", dict), "versions"),
         )
 
@@ -135,6 +145,17 @@ def _no_constant(name: str) -> tp.NoReturn:
     raise ValueError(f"{name} is not a number a manifest may hold")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} overflows")
+    return value
+
+
+def _is_int(value: tp.Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc)
     return text if len(text) < 160 else text[:157] + "..."
@@ -146,7 +167,7 @@ def _is_number(value: tp.Any) -> bool:
 
 def _get(raw: tp.Mapping[str, tp.Any], key: str, kind: type) -> tp.Any:
     value = raw.get(key)
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    ok = _is_int(value) if kind is int else isinstance(value, kind)
     if not ok:
         raise ManifestError(
             f"'{key}' must be {kind.__name__}, got {type(value).__name__} {_short_repr(value)}")
@@ -184,14 +205,14 @@ def _probe(raw: tp.Mapping[str, tp.Any]) -> Probe:
 def _files(raw: tp.Mapping[str, tp.Any]) -> dict[str, FileRecord]:
     files = {}
     for name, record in raw.items():
-        if not FILE_NAME.match(name) or name == MANIFEST:
+        if not FILE_NAME.fullmatch(name) or name == MANIFEST:
             raise ManifestError(f"lists {name!r}, which is not a plain file name inside the checkpoint")
         if not isinstance(record, dict) or set(record) != {"sha256", "bytes"}:
             raise ManifestError(f"files[{name!r}] must be {{sha256, bytes}}")
         digest, size = record["sha256"], record["bytes"]
         if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
             raise ManifestError(f"files[{name!r}].sha256 is not a SHA-256 hex digest")
-        if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+        if not (_is_int(size) and size >= 0):
             raise ManifestError(f"files[{name!r}].bytes must be an int >= 0")
         files[name] = FileRecord(sha256=digest, bytes=size)
     return files

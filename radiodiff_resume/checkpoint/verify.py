@@ -25,6 +25,8 @@ integrity failure.
 
 from __future__ import annotations
 
+import hashlib
+import math
 import random
 import typing as tp
 from dataclasses import dataclass, field
@@ -135,6 +137,8 @@ def open_checkpoint(path: Path, stage: str, rank: int | None = None) -> Checkpoi
     problems = _content_problems(manifest, shared, ranks)
     if problems:
         raise CheckpointCorrupt("; ".join(problems))
+    if hashlib.sha256(blobs[CONFIG_FILE]).hexdigest()[:16] != manifest.config_hash:
+        raise CheckpointCorrupt(f"{CONFIG_FILE} does not match the manifest's config_hash")
     return Checkpoint(path, manifest, shared, ranks, blobs[CONFIG_FILE].decode("utf-8", errors="replace"))
 
 
@@ -172,9 +176,8 @@ def _content_problems(manifest: Manifest, shared: dict[str, tp.Any], ranks: dict
     opt = shared["optimizer"]
     if need(isinstance(opt, dict) and set(opt) == {"state", "param_groups"}, "optimizer: not its state"):
         groups = opt["param_groups"]
-        need(isinstance(groups, list) and all(
-            isinstance(g, dict) and isinstance(g.get("params"), list)
-            and all(_is_int(i) for i in g["params"]) for g in groups), "optimizer: malformed param_groups")
+        need(isinstance(groups, list) and all(_group_ok(g) for g in groups),
+             "optimizer: malformed param_groups")
         need(isinstance(opt["state"], dict) and all(
             _is_int(k) and isinstance(v, dict)
             and all(isinstance(x, (torch.Tensor, int, float)) for x in v.values())
@@ -183,8 +186,9 @@ def _content_problems(manifest: Manifest, shared: dict[str, tp.Any], ranks: dict
     if need(_ints(train, "step", "samples_seen"), "train_state: needs int step, samples_seen"):
         need(train["step"] == manifest.step,
              f"train_state.step {train['step']} ≠ manifest step {manifest.step}")
-    need(_ints(data, "epoch", "offset") and data["epoch"] >= 0 and data["offset"] >= 0,
-         "data: needs int epoch, offset >= 0")
+    need(_ints(data, "epoch", "offset") and data["epoch"] >= 0
+         and 0 <= data["offset"] <= (train.get("samples_seen", 0) if isinstance(train, dict) else 0),
+         "data: needs int epoch >= 0 and 0 <= offset <= train_state.samples_seen")
     probe = shared["probe"]
     need(isinstance(probe, dict) and bool(probe) and all(isinstance(v, torch.Tensor) for v in probe.values()),
          "probe: not a name → tensor map")
@@ -214,9 +218,31 @@ def _ema_ok(ema: tp.Any) -> bool:
     return (isinstance(ema, dict) and isinstance(ema.get("shadow_params"), list)
             and all(isinstance(p, torch.Tensor) for p in ema["shadow_params"])
             and _ints(ema, "optimization_step", "update_after_step")
-            and isinstance(ema.get("decay"), float) and isinstance(ema.get("min_decay"), float)
+            and all(isinstance(ema.get(k), float) and 0.0 <= ema[k] <= 1.0 for k in ("decay", "min_decay"))
             and isinstance(ema.get("use_ema_warmup"), bool)
-            and all(isinstance(ema.get(k), (int, float)) for k in ("inv_gamma", "power")))
+            and all(_is_number(ema.get(k)) and math.isfinite(ema[k]) for k in ("inv_gamma", "power")))
+
+
+GROUP_TYPES: dict[str, tuple[type, ...]] = {
+    "lr": (int, float, torch.Tensor), "eps": (int, float), "weight_decay": (int, float),
+    "initial_lr": (int, float), "amsgrad": (bool,), "maximize": (bool,), "foreach": (bool, type(None)),
+    "capturable": (bool,), "differentiable": (bool,), "fused": (bool, type(None)),
+}
+"""The types of the AdamW hyper-parameters a param group carries (those present are checked)."""
+
+
+def _group_ok(group: tp.Any) -> bool:
+    if not (isinstance(group, dict) and isinstance(group.get("params"), list)
+            and all(_is_int(i) for i in group["params"])):
+        return False
+    betas = group.get("betas", (0.9, 0.999))
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and all(_is_number(b) for b in betas)):
+        return False
+    return all(isinstance(group[k], kinds) for k, kinds in GROUP_TYPES.items() if k in group)
+
+
+def _is_number(value: tp.Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _rank_problem(state: tp.Any, device_type: str | None) -> str | None:
@@ -234,7 +260,7 @@ def _rank_problem(state: tp.Any, device_type: str | None) -> str | None:
         torch.Generator().set_state(rng["torch"])
         if device_type == "cpu":
             torch.Generator().set_state(state["noise_rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+    except (KeyError, TypeError, ValueError, RuntimeError, OverflowError, IndexError) as exc:
         return f"RNG state cannot be restored ({type(exc).__name__}: {exc})"
     return None
 
@@ -272,6 +298,7 @@ def check_keys(
     state: tp.Mapping[str, tp.Any],
     live_model: tp.Mapping[str, torch.Tensor],
     live_params: list[torch.Tensor],
+    live_group_sizes: list[int],
 ) -> bool:
     """Level 4: model, EMA (when both sides have one) and optimizer fit the live objects exactly."""
     problems = diff_tensors("model", state["model"], live_model)
@@ -281,10 +308,10 @@ def check_keys(
         if shadow != shapes:
             problems.append(f"ema: {len(shadow)} shadow params do not match the {len(shapes)} trainable "
                             "parameters (count or shapes differ)")
-    groups = state["optimizer"]["param_groups"]
-    n_params = sum(len(g["params"]) for g in groups)
-    if n_params != len(shapes):
-        problems.append(f"optimizer: {n_params} parameters in checkpoint, {len(shapes)} trainable in model")
+    sizes = [len(g["params"]) for g in state["optimizer"]["param_groups"]]
+    if sizes != live_group_sizes:
+        problems.append(f"optimizer: param groups of {sizes} parameters in checkpoint, "
+                        f"{live_group_sizes} in this run")
     else:
         for idx, slots in state["optimizer"]["state"].items():
             if not 0 <= int(idx) < len(shapes):
@@ -300,28 +327,31 @@ def check_keys(
     return report.set("keys", True, f"{len(live_model)} model tensors, {len(shapes)} trainable params")
 
 
-def floating_tensors(tree: tp.Any, prefix: str = "") -> tp.Iterator[tuple[str, torch.Tensor]]:
-    """``(path, tensor)`` for every floating tensor in a nested state tree."""
+def floating_leaves(tree: tp.Any, prefix: str = "") -> tp.Iterator[tuple[str, torch.Tensor | float]]:
+    """``(path, value)`` for every floating tensor and every float in a nested state tree."""
     if isinstance(tree, torch.Tensor):
         if tree.is_floating_point():
             yield prefix or "<tensor>", tree
+    elif isinstance(tree, float):
+        yield prefix or "<float>", tree
     elif isinstance(tree, dict):
         for k, v in tree.items():
-            yield from floating_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+            yield from floating_leaves(v, f"{prefix}.{k}" if prefix else str(k))
     elif isinstance(tree, (list, tuple)):
         for i, v in enumerate(tree):
-            yield from floating_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+            yield from floating_leaves(v, f"{prefix}.{i}" if prefix else str(i))
 
 
 def nonfinite_names(tree: tp.Any) -> list[str]:
-    """Paths of floating tensors in ``tree`` holding NaN or Inf.
+    """Paths of floating tensors (and plain floats) in ``tree`` holding NaN or Inf.
 
     Fast path: one fp32 sum per tensor (a non-finite element makes the sum non-finite),
     stacked on each tensor's device and copied to the host once per device — one sync
     for a whole GPU state, not one per tensor. Only tensors whose sum is not finite
     (which includes finite tensors whose sum overflows) get the exact element-wise check.
     """
-    named = list(floating_tensors(tree))
+    leaves = list(floating_leaves(tree))
+    named = [(k, v) for k, v in leaves if isinstance(v, torch.Tensor)]
     by_device: dict[torch.device, list[int]] = {}
     for i, (_, t) in enumerate(named):
         by_device.setdefault(t.device, []).append(i)
@@ -329,15 +359,18 @@ def nonfinite_names(tree: tp.Any) -> list[str]:
     for indices in by_device.values():
         sums = torch.stack([named[i][1].sum(dtype=torch.float32) for i in indices]).cpu()
         suspects += [indices[j] for j in (~torch.isfinite(sums)).nonzero().flatten().tolist()]
-    return [named[i][0] for i in sorted(suspects) if not bool(torch.isfinite(named[i][1]).all())]
+    bad = {named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())}
+    bad |= {k for k, v in leaves if isinstance(v, float) and not math.isfinite(v)}
+    return [k for k, _ in leaves if k in bad]
 
 
 def check_finite(report: Report, state: tp.Mapping[str, tp.Any]) -> bool:
     """Level 2."""
     bad = nonfinite_names({k: state[k] for k in ("model", "ema", "optimizer", "probe") if k in state})
     if bad:
-        return report.set("finite", False, f"non-finite values in {len(bad)} tensor(s): {_few(bad)}")
-    return report.set("finite", True, "all tensors finite")
+        return report.set("finite", False, f"non-finite values in {len(bad)} tensor(s) or number(s): "
+                                           f"{_few(bad)}")
+    return report.set("finite", True, "all tensors and numbers finite")
 
 
 def check_scale_factor(report: Report, state: tp.Mapping[str, tp.Any], manifest: Manifest,

@@ -4,6 +4,7 @@ subclasses say what a loss, a prediction and a sample grid are.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import sys
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from radiodiff_resume.checkpoint.checkpointer import Checkpointer
 from radiodiff_resume.checkpoint.manifest import Manifest
-from radiodiff_resume.config import CheckpointConfig, Config, LoopConfig, config_hash, to_dict, to_yaml
+from radiodiff_resume.config import CheckpointConfig, Config, LoopConfig, to_dict, to_yaml
 from radiodiff_resume.data.stream import BatchStream
 from radiodiff_resume.dist import Ranks
 from radiodiff_resume.errors import StopRequested
@@ -84,7 +85,7 @@ class Trainer:
         self.run_config: dict[str, tp.Any] = to_dict(config) if config is not None else {}
         """The resolved config of the whole run; each checkpoint keeps a copy to diff against on resume."""
         self.config_yaml = to_yaml(config) if config is not None else "{}\n"
-        self.config_hash = config_hash(config) if config is not None else ""
+        self.config_hash = hashlib.sha256(self.config_yaml.encode()).hexdigest()[:16]
         accelerator.gradient_accumulation_steps = loop.gradient_accumulate_every
         if accelerator.scaler is not None:
             # Each stage starts with its own loss scale; the optimizer wrapper takes this object in prepare.
@@ -372,7 +373,7 @@ class Trainer:
         self.unwrapped.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.state.load_state_dict(state["train_state"])
-        self.train_stream.load_state_dict(state["data"])
+        self._load_data_position(state["data"])
         self._load_ema(state.get("ema"))
         self._load_scaler(state.get("grad_scaler"))
         self.apply_loop_settings()
@@ -391,6 +392,16 @@ class Trainer:
         if self.ema is not None:
             self.ema.decay = self.loop.ema_decay
             self.ema.update_after_step = self.loop.ema_update_after_step
+
+    def _load_data_position(self, data: tp.Mapping[str, int]) -> None:
+        if data["offset"] > self.train_stream.n:
+            if self.accelerator.is_main_process:
+                logger.warning("%s: the checkpoint's data position (epoch %d, %d samples in) lies beyond "
+                               "the %d samples of this training set (the data changed since): continuing "
+                               "with the next epoch", self.stage, data["epoch"], data["offset"],
+                               self.train_stream.n)
+            data = {"epoch": data["epoch"] + 1, "offset": 0}
+        self.train_stream.load_state_dict(data)
 
     def _load_ema(self, saved: tp.Mapping[str, tp.Any] | None) -> None:
         main = self.accelerator.is_main_process

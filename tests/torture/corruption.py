@@ -33,6 +33,7 @@ From a script::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -57,6 +58,7 @@ from radiodiff_resume.checkpoint.manifest import MANIFEST
 from radiodiff_resume.checkpoint.store import REASON_SUFFIX
 from radiodiff_resume.checkpoint.verify import Report
 from radiodiff_resume.config import load_config
+from radiodiff_resume.errors import UserError
 from radiodiff_resume.run import build_ldm_trainer
 
 if tp.TYPE_CHECKING:
@@ -91,6 +93,9 @@ class Mutation:
     expect: str = ""
     """A regex the failing level's detail must match (used by the explicit tests; '' = anything)."""
     timeout: float = TRIAL_TIMEOUT
+    difference: bool = False
+    """A consistent, resealed change that is indistinguishable from a run set up differently (e.g.
+    another optimizer grouping): the right outcome is a stop that moves nothing, not a quarantine."""
 
     @property
     def id(self) -> str:
@@ -182,7 +187,8 @@ def seal_text(body: tp.Mapping[str, tp.Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def write_sealed(ckpt: Path, raw: tp.Mapping[str, tp.Any], edit: tp.Callable[[str], str] | None = None) -> None:
+def write_sealed(ckpt: Path, raw: tp.Mapping[str, tp.Any],
+                 edit: tp.Callable[[str], str] | None = None) -> None:
     """Write ``raw`` as the manifest with a valid checksum; ``edit`` may then rewrite the text
     (for what ``json`` cannot produce: duplicate keys, overflowing numbers, deep nesting)."""
     body = {k: v for k, v in raw.items() if k != "checksum"}
@@ -627,7 +633,7 @@ def manifest_mutations() -> list[Mutation]:
         m("path-manifest-itself", _listed_outside(lambda c: MANIFEST, lambda c: c.parent / "unused"), PLAIN),
         m("files-list", _set("files", []), "'files' must be dict"),
         m("files-null", _set("files", None), "'files' must be dict"),
-        m("files-empty", _set("files", {}), r"required file \S+ not listed"),
+        m("files-empty", _set("files", {}), r"world_size 1 but only 0 file\(s\) listed"),
         m("listed-subdirectory", _listed_subdirectory, "not a regular file"),
         m("record-extra-field", edit_manifest(lambda r: r["files"]["model.json"].update(mode=420)),
           r"must be \{sha256, bytes\}"),
@@ -650,7 +656,7 @@ def manifest_mutations() -> list[Mutation]:
         m("world-size-2", _set("world_size", 2), r"rank-00001\.json missing for world_size 2"),
         m("world-size-0", _set("world_size", 0), "out of range"),
         m("world-size-string", _set("world_size", "1"), "'world_size' must be int"),
-        m("world-size-huge", _set("world_size", 10**12), "", timeout=8.0),
+        m("world-size-huge", _set("world_size", 10**12), "", timeout=3.0),
         m("step-changed", _set("step", 6), r"holds step 6|train_state\.step 4 ≠ manifest step 6"),
         m("step-changed-with-train-state", _step_everywhere, r"folder step-00000004 holds step 6"),
         m("step-negative", _set("step", -1), "out of range"),
@@ -671,7 +677,8 @@ def manifest_mutations() -> list[Mutation]:
             lambda r: r["probe"]["environment"].update(threads=1)), "must map names to strings"),
         m("scale-factor-null", _set("scale_factor", None), "records no scale_factor"),
         m("scale-factor-nan", _value_text("scale_factor", "NaN"), "not valid JSON|not a finite positive"),
-        m("scale-factor-overflow", _value_text("scale_factor", "1e400"), "not valid JSON|not a finite positive"),
+        m("scale-factor-overflow", _value_text("scale_factor", "1e400"),
+          "not valid JSON|not a finite positive"),
         m("scale-factor-negative", edit_manifest(lambda r: r.update(scale_factor=-r["scale_factor"])),
           "not a finite positive"),
         m("scale-factor-zero", _set("scale_factor", 0.0), "not a finite positive"),
@@ -693,10 +700,12 @@ def manifest_mutations() -> list[Mutation]:
         m("format-other", _set("format", "someone/else"), "not a radiodiff_resume/checkpoint manifest"),
         m("checksum-removed", _text_edit(lambda d: re.sub(r'^ "checksum": .*\n', "", d, flags=re.M),
                                          "manifest without its checksum field"), "'checksum' must be str"),
-        m("checksum-wrong", _text_edit(lambda d: re.sub(r'("checksum": ")[0-9a-f]{64}', r"\g<1>" + "ab" * 32, d),
+        m("checksum-wrong", _text_edit(lambda d: re.sub(r'("checksum": ")[0-9a-f]{64}', r"\g<1>" + "ab" * 32,
+                                                        d),
                                        "manifest with another checksum"), "checksum mismatch"),
         m("checksum-null", _text_edit(lambda d: re.sub(r'"checksum": "[0-9a-f]{64}"', '"checksum": null', d),
-                                      "manifest with checksum null"), "checksum mismatch|'checksum' must be str"),
+                                      "manifest with checksum null"),
+          "checksum mismatch|'checksum' must be str"),
         m("line-int", _set("line", 5), "'line' must be str"),
         m("versions-not-strings", edit_manifest(lambda r: r["versions"].update(torch=2)),
           "must map names to strings"),
@@ -706,7 +715,8 @@ def manifest_mutations() -> list[Mutation]:
         m("flip-digit-to-e", _digit_to_e, "not valid JSON|checksum mismatch|not a finite positive"),
         m("utf8-bom", _manifest_bytes(b"\xef\xbb\xbf", "UTF-8 byte order mark before the manifest"),
           "not valid JSON"),
-        m("invalid-utf8", _manifest_bytes(b"\xff\xfe", "invalid UTF-8 before the manifest"), "not valid JSON"),
+        m("invalid-utf8", _manifest_bytes(b"\xff\xfe", "invalid UTF-8 before the manifest"),
+          "not valid JSON"),
     ]
     out += [m(f"field-removed-{k}", _drop(k), rf"missing \['{k}'\]") for k in REQUIRED_FIELDS]
     for component in ("model", "optimizer", "train_state", "data", "probe", "config.yaml"):
@@ -848,6 +858,8 @@ def _deep_value(name: str, key: str, depth: int) -> Apply:
     return apply
 
 
+DANGLING = "referenced by the checkpoint is missing"
+NONFINITE = "non-finite values"
 COMPONENT_JSON = ("model.json", "optimizer.json", "train_state.json", "data.json", "probe.json", "ema.json",
                   "rank-00000.json")
 SAFETENSORS = ("model", "optimizer", "ema", "probe", "rank-00000")
@@ -870,7 +882,8 @@ def component_mutations() -> list[Mutation]:
     out += [m("tensor-file-removed", f"{c}.safetensors", _remove_listed(f"{c}.safetensors"),
               f"{decode}|referenced by the checkpoint is missing") for c in SAFETENSORS]
     out += [
-        m("wrong-shape-list", "optimizer.json", write_text_resealed("optimizer.json", "[]"), "optimizer: not its state"),
+        m("wrong-shape-list", "optimizer.json", write_text_resealed("optimizer.json", "[]"),
+          "optimizer: not its state"),
         m("wrong-shape-list", "model.json", write_text_resealed("model.json", "[]"), "model: not a name"),
         m("wrong-shape-object", "ema.json", write_text_resealed("ema.json", "{}"), "ema: not an EMA state"),
         m("wrong-shape-object", "probe.json", write_text_resealed("probe.json", "{}"), "probe: not a name"),
@@ -878,9 +891,12 @@ def component_mutations() -> list[Mutation]:
           "train_state: needs int step"),
         m("wrong-shape-null", "rank-00000.json", write_text_resealed("rank-00000.json", "null"),
           "needs rng and noise_rng"),
-        m("param-groups-null", "optimizer.json", edit_json("optimizer.json", lambda t: t.update(param_groups=None)),
+        m("param-groups-null", "optimizer.json",
+          edit_json("optimizer.json", lambda t: t.update(param_groups=None)),
           "malformed param_groups"),
-        m("param-groups-split", "optimizer.json", edit_json("optimizer.json", _optimizer_split_groups)),
+        dataclasses.replace(
+            m("param-groups-split", "optimizer.json", edit_json("optimizer.json", _optimizer_split_groups),
+              "param groups of"), difference=True),
         m("betas-string", "optimizer.json", edit_json(
             "optimizer.json", lambda t: t["param_groups"][0].update(betas="0.9,0.999"))),
         m("state-string-keys", "optimizer.json", edit_json(
@@ -890,12 +906,13 @@ def component_mutations() -> list[Mutation]:
           "train_state: needs int step"),
         m("step-bool", "train_state.json", edit_json("train_state.json", lambda t: t.update(step=True)),
           "train_state: needs int step"),
-        m("samples-seen-missing", "train_state.json", edit_json("train_state.json", lambda t: t.pop("samples_seen")),
+        m("samples-seen-missing", "train_state.json",
+          edit_json("train_state.json", lambda t: t.pop("samples_seen")),
           "train_state: needs int step, samples_seen"),
         m("step-disagrees", "train_state.json", edit_json("train_state.json", lambda t: t.update(step=3)),
           r"train_state\.step 3 ≠ manifest step 4"),
         m("offset-negative", "data.json", edit_json("data.json", lambda t: t.update(offset=-1)),
-          "data: needs int epoch, offset >= 0"),
+          "data: needs int epoch >= 0 and 0 <= offset"),
         m("offset-beyond-epoch", "data.json", edit_json("data.json", lambda t: t.update(offset=10**9))),
         m("epoch-string", "data.json", edit_json("data.json", lambda t: t.update(epoch="2")),
           "data: needs int epoch"),
@@ -910,21 +927,20 @@ def component_mutations() -> list[Mutation]:
           "RNG state cannot be restored"),
         m("noise-rng-truncated", "rank-00000.safetensors", _truncate_tensor("rank-00000", "noise_rng"),
           "RNG state cannot be restored"),
-        m("dangling-tensor", "model.json", _dangling("model.json", _first_key), "referenced by the checkpoint is missing"),
-        m("dangling-tensor", "ema.json", _dangling("ema.json", lambda t: (t["shadow_params"], 0)),
-          "referenced by the checkpoint is missing"),
-        m("dangling-tensor", "probe.json", _dangling("probe.json", _first_key), "referenced by the checkpoint is missing"),
-        m("dangling-tensor", "optimizer.json", _dangling("optimizer.json", lambda t: (t["state"]["__map__"][0][1], "exp_avg")),
-          "referenced by the checkpoint is missing"),
+        m("dangling-tensor", "model.json", _dangling("model.json", _first_key), DANGLING),
+        m("dangling-tensor", "ema.json", _dangling("ema.json", lambda t: (t["shadow_params"], 0)), DANGLING),
+        m("dangling-tensor", "probe.json", _dangling("probe.json", _first_key), DANGLING),
+        m("dangling-tensor", "optimizer.json",
+          _dangling("optimizer.json", lambda t: (t["state"]["__map__"][0][1], "exp_avg")), DANGLING),
         m("nan", "model.safetensors", _poison("model", math.nan, _first_float("unet.")), "non-finite values"),
-        m("inf", "model.safetensors", _poison("model", math.inf, _first_float("cond_encoder.")), "non-finite values"),
+        m("inf", "model.safetensors", _poison("model", math.inf, _first_float("cond_encoder.")), NONFINITE),
         m("nan", "optimizer.safetensors", _poison("optimizer", math.nan, _first_float("state/")),
           "non-finite values"),
         m("inf", "optimizer.safetensors", _poison("optimizer", -math.inf, lambda t: "state/3/exp_avg_sq"),
           "non-finite values"),
         m("nan-step", "optimizer.safetensors", edit_tensors(
             "optimizer", lambda t: t["state/0/step"].fill_(math.nan)), "non-finite values"),
-        m("nan", "ema.safetensors", _poison("ema", math.nan, _first_float("shadow_params/")), "non-finite values"),
+        m("nan", "ema.safetensors", _poison("ema", math.nan, _first_float("shadow_params/")), NONFINITE),
         m("inf", "probe.safetensors", _poison("probe", math.inf, lambda t: "cond"), "non-finite values"),
         m("scale-factor-buffer-removed", "model.safetensors", _remove_model_tensor("scale_factor"),
           "no scale_factor buffer"),
@@ -939,7 +955,8 @@ def component_mutations() -> list[Mutation]:
         m("malformed-listed", "grad_scaler.json", _grad_scaler_listed, "grad_scaler: not a GradScaler state"),
         m("garbage", "config.yaml", write_text_resealed("config.yaml", b"\x00\xff{{{ not yaml")),
         m("nested", "config.yaml", write_text_resealed("config.yaml", nested(100_000))),
-        m("nested-in-required-value", "train_state.json", _deep_value("train_state.json", "step", 100_000), decode),
+        m("nested-in-required-value", "train_state.json",
+          _deep_value("train_state.json", "step", 100_000), decode),
     ]
     return out
 
@@ -1085,12 +1102,14 @@ class Bench:
         return ckpt
 
 
-def verdict_of(report: Report | None, escaped: str) -> tuple[str, str]:
+def verdict_of(report: Report | None, escaped: str, difference: bool = False) -> tuple[str, str]:
     if report is None:
         return CRASHED, escaped
     if report.ok:
         return MISSED, "verified ok"
     failure = tp.cast(tp.Any, report.failure)
+    if difference and not report.damaged:
+        return DETECTED, f"{failure.name} (a difference, not damage): {failure.detail[:300]}"
     if not report.damaged:
         return MISSED, f"{failure.name} failed but not as damage: {failure.detail[:300]}"
     return DETECTED, f"{failure.name}: {failure.detail[:300]}"
@@ -1102,7 +1121,7 @@ def verify_trial(bench: Bench, mutation: Mutation, rng: random.Random, tag: str)
     try:
         description = mutation.apply(ckpt, rng)
         report, escaped = bench.verify(ckpt, mutation.timeout)
-        verdict, detail = verdict_of(report, escaped)
+        verdict, detail = verdict_of(report, escaped, mutation.difference)
     finally:
         shutil.rmtree(bench.work / tag, ignore_errors=True)
     return Outcome("verify", mutation.id, description, verdict, detail, time.perf_counter() - start)
@@ -1150,9 +1169,17 @@ def discovery_trial(bench: Bench, mutation: Mutation | None, rng: random.Random,
         try:
             with watchdog(TRIAL_TIMEOUT if mutation is None else mutation.timeout):
                 chosen = trainer.checkpointer.resume()
-        except (Exception, Hung) as exc:  # the oracle: anything escaping is a crash
-            verdict = CRASHED
-            return Outcome(kind, name, description, verdict, f"resume() raised {type(exc).__name__}: "
+        except UserError as exc:  # a clean stop (one message, exit 2), but no quarantine and no fallback
+            if mutation is not None and mutation.difference and "nothing was moved" in str(exc) \
+                    and tree_snapshot(newest) == before:
+                return Outcome(kind, name, description, DETECTED, f"stopped, nothing moved: {str(exc)[:200]}",
+                               time.perf_counter() - start)
+            return Outcome(kind, name, description, MISSED if mutation else "false alarm",
+                           f"resume() stopped with {type(exc).__name__} (nothing quarantined): "
+                           f"{str(exc)[:300]}",
+                           time.perf_counter() - start)
+        except (Exception, Hung) as exc:  # the oracle: anything else escaping is a crash
+            return Outcome(kind, name, description, CRASHED, f"resume() raised {type(exc).__name__}: "
                            f"{str(exc)[:300]}", time.perf_counter() - start)
         problems = _discovery_problems(ckdir, chosen, trainer.state.step, before, older, mutation is None)
     finally:
