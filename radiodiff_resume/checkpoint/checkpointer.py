@@ -178,7 +178,8 @@ class Checkpointer:
                     raise CheckpointCorrupt("the checkpoint changed while it was being loaded")
                 t.load_state_dict(chosen.shared)
             self._restore_rank(chosen)
-        except (CheckpointCorrupt, ManifestError, OSError) as exc:
+        except (CheckpointCorrupt, ManifestError, OSError, UserError, ValueError, TypeError, KeyError,
+                IndexError, RuntimeError) as exc:  # reported on every rank below, never left waiting
             error = f"{type(exc).__name__}: {exc}"
         failed = self.ranks.failures(error)
         if failed:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import typing as tp
 from pathlib import Path
@@ -331,3 +332,41 @@ def test_consistent_but_unreadable_newest_is_quarantined(
     trainer = build(run_cfg())
     assert trainer.checkpointer.resume() == ckdir / STEP2
     assert [p.name.rsplit("-", 1)[0] for p in quarantined(run)] == [STEP4]
+
+
+def test_an_io_error_while_reading_is_damage_and_the_older_checkpoint_is_resumed(
+    run: Path, run_cfg: tp.Callable[..., Config], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO from a failing disk (it cannot be produced here, so ``read`` of that one file raises it)."""
+    import errno
+
+    from radiodiff_resume.checkpoint import files
+
+    real_fdopen = files.os.fdopen
+
+    class FailingRead:
+        def __init__(self, f: tp.Any) -> None:
+            self.f = f
+
+        def __enter__(self) -> FailingRead:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def fileno(self) -> int:
+            return tp.cast(int, self.f.fileno())
+
+        def read(self, n: int) -> bytes:
+            raise OSError(errno.EIO, "Input/output error")
+
+    def fdopen(fd: int, *args: tp.Any) -> tp.Any:
+        f = real_fdopen(fd, *args)
+        failing = os.readlink(f"/proc/self/fd/{fd}").endswith(f"{STEP4}/model.safetensors")
+        return FailingRead(f) if failing else f
+
+    monkeypatch.setattr(files.os, "fdopen", fdopen)
+    trainer = build(run_cfg())
+    assert trainer.checkpointer.resume() == run / "checkpoints" / STEP2
+    [moved] = quarantined(run)
+    assert "model.safetensors unreadable (Input/output error)" in reason(moved)

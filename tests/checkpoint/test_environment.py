@@ -106,3 +106,26 @@ def test_another_cpu_kernel_set_resumes_within_the_tolerance(
 
     same = verify_in_subprocess(run_cfg(), tmp_path)
     assert same["levels"]["probe"][0] and "bit-exact (identical environment)" in same["levels"]["probe"][1]
+
+
+@pytest.mark.slow
+def test_deterministic_kernels_are_set_and_recorded(
+    make_cfg: tp.Callable[..., Config], tmp_path: Path
+) -> None:
+    """``trainer.deterministic=true`` (what a bit-exact GPU resume needs) runs, and the probe's
+    environment says so, so a checkpoint saved without it is compared with the tolerance."""
+    from tests.checkpoint.helpers import FAST, committed
+    from tests.conftest import write_random_first_stage
+
+    cfg = make_cfg("trainer.train_num_steps=1", *FAST, "trainer.deterministic=true", results=tmp_path / "d")
+    write_random_first_stage(cfg)
+    config = tmp_path / "d.yaml"
+    config.write_text(to_yaml(cfg))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train_cond_ldm.py"), "--cfg", str(config)], capture_output=True,
+        text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert committed(cfg.results_folder) == ["step-00000001"]
+    env = read_manifest(cfg.results_folder / "checkpoints" / "step-00000001")["probe"]["environment"]
+    assert env["deterministic"] == "True"

@@ -127,7 +127,8 @@ CORRUPTIONS: dict[str, tuple[tp.Callable[[Path], None], str, str]] = {
                            r"manifest\.json: not valid JSON"),
     "nan-in-model": (nan_into_model, "finite",
                      rf"non-finite values in 1 tensor\(s\) or number\(s\): model\.{NAN_TENSOR}$"),
-    "inf-in-optimizer": (inf_into_optimizer, "finite", r"1 tensor\(s\) or number\(s\): optimizer\.state\.5\.exp_avg_sq$"),
+    "inf-in-optimizer": (inf_into_optimizer, "finite",
+                         r"1 tensor\(s\) or number\(s\): optimizer\.state\.5\.exp_avg_sq$"),
     "scale-factor-in-manifest": (change_scale_factor, "scale_factor", r"weights hold .*, manifest recorded"),
     "nudged-weight": (nudge_weight, "probe", r"do not compute what was saved"),
 }

@@ -76,6 +76,8 @@ def main() -> None:
     print(f"SIGKILL lost steps: steps computed after the last commit before a kill (redone), of "
           f"{kills.steps}.")
     failures = corruption.report().splitlines()[2:] + differences.failures
+    if kills.kills < args.kills:
+        failures.append(f"SIGKILL: the run finished after {kills.kills} of {args.kills} kills")
     for line in failures:
         print(line)
     if failures or corruption.crashed or corruption.false_alarms:

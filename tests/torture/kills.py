@@ -77,7 +77,8 @@ def run_kill_trials(workdir: Path, synth_cache: Path, kills: int, seed: int = 0,
                     processes: int = 1) -> KillSummary:
     """Kill one run ``kills`` times, finish it, compare with a straight run; returns the tally."""
     rng = random.Random(seed)
-    steps = 40 + 12 * kills
+    workdir.mkdir(parents=True, exist_ok=True)
+    steps = 100 + 60 * kills  # enough that the run outlives every kill (a few steps per life)
     ae = workdir / "ae.safetensors"
     straight_cfg = write_config(workdir / "straight", synth_cache, steps, ae)
     write_random_first_stage(build_config(yaml.safe_load(straight_cfg.read_text())))
@@ -139,7 +140,7 @@ def _trigger(moment: str, rng: random.Random, results: Path, checkpoints: Path, 
         delay = rng.uniform(0.0, 9.0)  # import, build, verification, resume
         return lambda: time.monotonic() - t0 > delay
     if moment == "steps":
-        delay = rng.uniform(0.0, 1.5)
+        delay = rng.uniform(0.0, 0.5)
         begun: list[float] = []
 
         def stepping() -> bool:
