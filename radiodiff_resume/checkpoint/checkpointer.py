@@ -21,8 +21,20 @@ import torch
 import yaml
 
 from radiodiff_resume.checkpoint.environment import differences, fingerprint, library_versions
-from radiodiff_resume.checkpoint.files import CheckpointCorrupt, component_files
-from radiodiff_resume.checkpoint.manifest import Manifest, ManifestError, parse_step, probe_from
+from radiodiff_resume.checkpoint.files import (
+    CheckpointCorrupt,
+    write_component,
+    write_components,
+    write_durable,
+)
+from radiodiff_resume.checkpoint.manifest import (
+    FileRecord,
+    Manifest,
+    ManifestError,
+    parse_step,
+    probe_from,
+    record_of,
+)
 from radiodiff_resume.checkpoint.store import REASON_SUFFIX, CheckpointStore, rank_component
 from radiodiff_resume.checkpoint.verify import (
     CONFIG_FILE,
@@ -84,14 +96,14 @@ class Checkpointer:
         if refusal is not None:
             raise HaltError(refusal)
 
-        def shared_files() -> dict[str, bytes]:
-            files = {CONFIG_FILE: t.config_yaml.encode()}
-            for name, tree in {**shared, "probe": probe_inputs}.items():
-                files.update(component_files(name, tree))
-            return files
+        def shared_files(folder: Path) -> dict[str, FileRecord]:
+            config = t.config_yaml.encode()
+            write_durable(folder / CONFIG_FILE, config)
+            trees = {**shared, "probe": probe_inputs}
+            return {CONFIG_FILE: record_of(config), **write_components(folder, trees)}
 
-        def own_files() -> dict[str, bytes]:
-            return component_files(rank_component(self.ranks.rank), t.rank_state_dict())
+        def own_files(folder: Path) -> dict[str, FileRecord]:
+            return write_component(folder, rank_component(self.ranks.rank), t.rank_state_dict())
 
         path = self.store.save(step, shared_files, own_files, manifest)
         self.last_saved_step = step

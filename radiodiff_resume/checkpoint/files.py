@@ -8,17 +8,17 @@ loaded tensor points into a file mapping that a later write could change.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import stat
 import typing as tp
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_tensors
-from safetensors.torch import save as save_tensors
 
 from radiodiff_resume.checkpoint.codec import CodecError, decode, encode
 from radiodiff_resume.checkpoint.manifest import (
@@ -30,7 +30,13 @@ from radiodiff_resume.checkpoint.manifest import (
     record_of,
 )
 
+Blob = np.ndarray
+"""A file's bytes as a writable uint8 array: tensors decoded from it are views of it, not copies."""
+NOTHING: Blob = np.empty(0, dtype=np.uint8)
 READ_THREADS = 4
+READ_CHUNK = 8 << 20
+MAX_HEADER = 100 << 20
+"""The safetensors library's own limit on a header."""
 MAX_DEPTH = 32
 """Our state trees are a few levels deep; anything deeper is not ours (and would overflow the
 recursion of a deep copy inside torch or diffusers)."""
@@ -40,35 +46,83 @@ class CheckpointCorrupt(Exception):
     """A checkpoint's files are not what its manifest recorded, or cannot be decoded."""
 
 
-def component_files(name: str, tree: tp.Any) -> dict[str, bytes]:
-    """``name.json`` (structure) and, if the tree holds tensors, ``name.safetensors``."""
-    structure, tensors = encode(tree)
-    files = {f"{name}.json": json.dumps(structure, sort_keys=True).encode()}
-    if tensors:
-        files[f"{name}.safetensors"] = save_tensors(tensors, metadata={"component": name})
-    return files
-
-
 def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it; a failure names the file (a failed write does not)."""
+    """Write ``data`` to ``path`` and fsync it; a failure names the file."""
     try:
         with path.open("wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
-        if exc.filename is not None:
-            raise
-        raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise _named(exc, path) from exc
 
 
-def write_files(folder: Path, files: tp.Mapping[str, bytes]) -> dict[str, FileRecord]:
-    """Write and fsync each file; its record is computed from the bytes in memory."""
-    records = {}
-    for name, data in files.items():
-        records[name] = record_of(data)
-        write_durable(folder / name, data)
+def write_component(folder: Path, name: str, tree: tp.Any) -> dict[str, FileRecord]:
+    """Write and fsync ``name.json`` (structure) and, if the tree holds tensors, ``name.safetensors``;
+    their records come from the bytes as they are written."""
+    structure, tensors = encode(tree)
+    data = json.dumps(structure, sort_keys=True).encode()
+    write_durable(folder / f"{name}.json", data)
+    records = {f"{name}.json": record_of(data)}
+    if tensors:
+        path = folder / f"{name}.safetensors"
+        records[path.name] = write_safetensors(path, tensors, {"component": name})
     return records
+
+
+def write_components(folder: Path, trees: tp.Mapping[str, tp.Any]) -> dict[str, FileRecord]:
+    """:func:`write_component` for each tree, in threads (writing and hashing release the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(trees) or 1)) as pool:
+        parts = list(pool.map(lambda item: write_component(folder, *item), trees.items()))
+    return {name: record for part in parts for name, record in part.items()}
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(
+    path: Path, tensors: tp.Mapping[str, torch.Tensor], metadata: dict[str, str]
+) -> FileRecord:
+    """The safetensors format, streamed from each (contiguous, CPU) tensor's own memory and hashed on
+    the way: no serialised copy of the whole file in memory. It is read back by the safetensors library."""
+    unknown = sorted(k for k, t in tensors.items() if t.dtype not in SAFETENSORS_DTYPES)
+    if unknown:
+        raise CodecError(f"cannot store tensor '{unknown[0]}' of dtype {tensors[unknown[0]].dtype}")
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))  # keeps every tensor aligned
+    header: dict[str, tp.Any] = {"__metadata__": metadata}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        size = t.numel() * t.element_size()
+        header[key] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                       "data_offsets": [offset, offset + size]}
+        offset += size
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    chunks = [len(head).to_bytes(8, "little"), head,
+              *(memoryview(tensors[k].reshape(-1).view(torch.uint8).numpy()) for k in order)]
+    digest, size = hashlib.sha256(), 0
+    try:
+        with path.open("wb") as f:
+            for chunk in chunks:
+                digest.update(chunk)
+                f.write(chunk)
+                size += len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise _named(exc, path) from exc
+    return FileRecord(sha256=digest.hexdigest(), bytes=size)
+
+
+def _named(exc: OSError, path: Path) -> OSError:
+    """``exc`` with the file it concerns (a failed write does not say)."""
+    return exc if exc.filename is not None else OSError(exc.errno, exc.strerror, str(path))
 
 
 def read_manifest(folder: Path) -> Manifest:
@@ -104,7 +158,7 @@ def listing_problems(folder: Path, manifest: Manifest) -> list[str]:
 
 def read_files(
     folder: Path, records: tp.Mapping[str, FileRecord], names: tp.Iterable[str]
-) -> dict[str, bytes]:
+) -> dict[str, Blob]:
     """Read each named file once and check it against its record (threads: hashing releases the GIL)."""
     names = list(names)
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(names) or 1)) as pool:
@@ -115,32 +169,81 @@ def read_files(
     return {name: data for name, (data, _) in zip(names, results, strict=True)}
 
 
-def _read_checked(path: Path, record: FileRecord) -> tuple[bytes, str | None]:
+def _read_checked(path: Path, record: FileRecord) -> tuple[Blob, str | None]:
+    """The file's bytes, read once into memory we own and hashed as they arrive."""
+    data = np.frombuffer(bytearray(record.bytes), dtype=np.uint8)
+    view, digest, got = memoryview(data), hashlib.sha256(), 0
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block us
-        with os.fdopen(fd, "rb") as f:
+        with os.fdopen(fd, "rb", buffering=0) as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return b"", f"{path.name} is not a regular file"
-            data = f.read(record.bytes + 1)
+                return NOTHING, f"{path.name} is not a regular file"
+            while got < record.bytes:
+                n = f.readinto(view[got:got + READ_CHUNK])
+                if not n:
+                    break
+                digest.update(view[got:got + n])
+                got += n
+            extra = len(f.read(1)) if got == record.bytes else 0
     except OSError as exc:
-        return b"", f"{path.name} unreadable ({exc.strerror or exc})"
-    if len(data) != record.bytes:
-        return b"", f"{path.name} has {len(data)} bytes, manifest says {record.bytes}"
-    if record_of(data).sha256 != record.sha256:
-        return b"", f"{path.name} sha256 mismatch (content changed after the save)"
+        return NOTHING, f"{path.name} unreadable ({exc.strerror or exc})"
+    if got != record.bytes or extra:
+        return NOTHING, f"{path.name} has {'more' if extra else got} bytes, manifest says {record.bytes}"
+    if digest.hexdigest() != record.sha256:
+        return NOTHING, f"{path.name} sha256 mismatch (content changed after the save)"
     return data, None
 
 
-def decode_component(blobs: tp.Mapping[str, bytes], name: str) -> tp.Any:
+def read_safetensors(data: Blob) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file held in ``data``, as views of it (no copy), after checking what the
+    safetensors library checks: header size, dtypes, shapes, and offsets that tile the data exactly."""
+    if len(data) < 8:
+        raise ValueError("shorter than a safetensors header")
+    size = int.from_bytes(data[:8].tobytes(), "little")
+    if size > min(len(data) - 8, MAX_HEADER):
+        raise ValueError(f"header of {size} bytes does not fit the file")
+    header = json.loads(data[8:8 + size].tobytes())
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    header.pop("__metadata__", None)
+    start, tensors, spans = 8 + size, {}, []
+    for name, info in header.items():
+        dtype = DTYPES_BY_NAME.get(info.get("dtype")) if isinstance(info, dict) else None
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if dtype else (None, None)
+        if not (isinstance(shape, list) and all(_is_count(d) for d in shape) and isinstance(offsets, list)
+                and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise ValueError(f"tensor '{name}': malformed entry")
+        count = math.prod(shape)
+        begin, end = offsets
+        if end - begin != count * torch.empty((), dtype=dtype).element_size() or start + end > len(data):
+            raise ValueError(f"tensor '{name}': offsets do not match its shape and dtype")
+        spans.append((begin, end))
+        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
+                         if count else torch.empty(shape, dtype=dtype))
+    edge = 0
+    for begin, end in sorted(spans):
+        if begin != edge:
+            raise ValueError("tensor data overlaps or leaves gaps")
+        edge = end
+    if start + edge != len(data):
+        raise ValueError("tensor data does not end where the file does")
+    return tensors
+
+
+def _is_count(value: tp.Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def decode_component(blobs: tp.Mapping[str, Blob], name: str) -> tp.Any:
     """The state tree of component ``name`` from already hash-checked bytes."""
     try:
-        structure = json.loads(blobs[f"{name}.json"])
+        structure = json.loads(blobs[f"{name}.json"].tobytes())
         if _depth(structure) > MAX_DEPTH:
             raise ValueError(f"nested deeper than {MAX_DEPTH} levels")
         tensor_file = f"{name}.safetensors"
-        tensors: dict[str, torch.Tensor] = load_tensors(blobs[tensor_file]) if tensor_file in blobs else {}
+        tensors = read_safetensors(blobs[tensor_file]) if tensor_file in blobs else {}
         return decode(structure, tensors)
-    except (ValueError, RecursionError, SafetensorError, CodecError, TypeError, KeyError) as exc:
+    except (ValueError, RecursionError, CodecError, TypeError, KeyError, RuntimeError, OverflowError) as exc:
         raise CheckpointCorrupt(f"{name} cannot be decoded ({type(exc).__name__}: {exc})") from None
 
 

@@ -25,7 +25,7 @@ import shutil
 import typing as tp
 from pathlib import Path
 
-from radiodiff_resume.checkpoint.files import read_manifest, write_durable, write_files
+from radiodiff_resume.checkpoint.files import read_manifest, write_durable
 from radiodiff_resume.checkpoint.manifest import (
     MANIFEST,
     FileRecord,
@@ -156,20 +156,20 @@ class CheckpointStore:
     def save(
         self,
         step: int,
-        shared: tp.Callable[[], dict[str, bytes]],
-        own: tp.Callable[[], dict[str, bytes]],
+        shared: tp.Callable[[Path], dict[str, FileRecord]],
+        own: tp.Callable[[Path], dict[str, FileRecord]],
         manifest: Manifest | None,
     ) -> Path:
         """Commit a checkpoint of ``step`` (every rank calls this).
 
-        ``shared`` and ``manifest`` are used on rank 0 only; ``own`` gives each rank's files.
-        They are callables so that an error while serialising is caught and agreed like a
-        write error.
+        ``shared`` (rank 0 only) and ``own`` (each rank) write their files into the folder they are
+        given and return the records; an error while serialising is caught and agreed like a
+        write error. ``manifest`` is used on rank 0 only.
         """
         final = self.folder / step_dirname(step)
         staging = self.folder / f".staging-{step_dirname(step)}"
         self._phase(step, staging, lambda: self._prepare(staging) if self.ranks.is_main else None)
-        gathered = self._phase(step, staging, lambda: write_files(staging, own()))
+        gathered = self._phase(step, staging, lambda: own(staging))
         if self.ranks.is_main:
             assert manifest is not None
             rank_records: dict[str, FileRecord] = {k: v for records in gathered for k, v in records.items()}
@@ -208,9 +208,9 @@ class CheckpointStore:
             f"permissions of {self.folder}, ...), then run the same command to resume."
         ) from caught
 
-    def _commit(self, staging: Path, final: Path, shared: tp.Callable[[], dict[str, bytes]],
+    def _commit(self, staging: Path, final: Path, shared: tp.Callable[[Path], dict[str, FileRecord]],
                 rank_records: dict[str, FileRecord], manifest: Manifest) -> None:
-        manifest.files = {**rank_records, **write_files(staging, shared())}
+        manifest.files = {**rank_records, **shared(staging)}
         manifest.world_size = self.ranks.world
         write_durable(staging / MANIFEST, manifest.to_json().encode())
         fsync_dir(staging)

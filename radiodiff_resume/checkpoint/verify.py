@@ -137,9 +137,10 @@ def open_checkpoint(path: Path, stage: str, rank: int | None = None) -> Checkpoi
     problems = _content_problems(manifest, shared, ranks)
     if problems:
         raise CheckpointCorrupt("; ".join(problems))
-    if hashlib.sha256(blobs[CONFIG_FILE]).hexdigest()[:16] != manifest.config_hash:
+    config = blobs[CONFIG_FILE].tobytes()
+    if hashlib.sha256(config).hexdigest()[:16] != manifest.config_hash:
         raise CheckpointCorrupt(f"{CONFIG_FILE} does not match the manifest's config_hash")
-    return Checkpoint(path, manifest, shared, ranks, blobs[CONFIG_FILE].decode("utf-8", errors="replace"))
+    return Checkpoint(path, manifest, shared, ranks, config.decode("utf-8", errors="replace"))
 
 
 def _layout_problems(path: Path, manifest: Manifest) -> list[str]:

@@ -7,11 +7,13 @@ import json
 import typing as tp
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
-from radiodiff_resume.checkpoint.files import component_files, decode_component, write_files
+from radiodiff_resume.checkpoint.files import decode_component
+from radiodiff_resume.checkpoint.files import write_component as write_files_of
 from radiodiff_resume.checkpoint.manifest import MANIFEST, checksum
 from radiodiff_resume.checkpoint.verify import open_checkpoint
 from radiodiff_resume.config import Config
@@ -96,13 +98,13 @@ def events(results: Path, name: str) -> list[dict[str, tp.Any]]:
 
 def write_component(folder: Path, name: str, tree: tp.Any) -> list[Path]:
     """Write one component's files as a checkpoint save does; the paths written."""
-    return [folder / n for n in write_files(folder, component_files(name, tree))]
+    return [folder / n for n in write_files_of(folder, name, tree)]
 
 
 def read_component(folder: Path, name: str) -> tp.Any:
     """A component read straight from its files (no manifest), as the checkpoint would decode it."""
     paths = (folder / f"{name}.json", folder / f"{name}.safetensors")
-    blobs = {p.name: p.read_bytes() for p in paths if p.exists()}
+    blobs = {p.name: np.frombuffer(bytearray(p.read_bytes()), dtype=np.uint8) for p in paths if p.exists()}
     return decode_component(blobs, name)
 
 

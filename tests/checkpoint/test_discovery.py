@@ -337,7 +337,7 @@ def test_consistent_but_unreadable_newest_is_quarantined(
 def test_an_io_error_while_reading_is_damage_and_the_older_checkpoint_is_resumed(
     run: Path, run_cfg: tp.Callable[..., Config], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """EIO from a failing disk (it cannot be produced here, so ``read`` of that one file raises it)."""
+    """EIO from a failing disk (it cannot be produced here, so reading that one file raises it)."""
     import errno
 
     from radiodiff_resume.checkpoint import files
@@ -357,11 +357,11 @@ def test_an_io_error_while_reading_is_damage_and_the_older_checkpoint_is_resumed
         def fileno(self) -> int:
             return tp.cast(int, self.f.fileno())
 
-        def read(self, n: int) -> bytes:
+        def readinto(self, buffer: tp.Any) -> int:
             raise OSError(errno.EIO, "Input/output error")
 
-    def fdopen(fd: int, *args: tp.Any) -> tp.Any:
-        f = real_fdopen(fd, *args)
+    def fdopen(fd: int, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
+        f = real_fdopen(fd, *args, **kwargs)
         failing = os.readlink(f"/proc/self/fd/{fd}").endswith(f"{STEP4}/model.safetensors")
         return FailingRead(f) if failing else f
 
