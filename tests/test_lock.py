@@ -76,11 +76,9 @@ def run_python(code: str, *args: str) -> subprocess.CompletedProcess[str]:
 def wait_for_record_pid(path: Path, pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            if json.loads(path.read_text()).get("pid") == pid:
-                return
-        except (OSError, ValueError):
-            pass
+        text = path.read_text() if path.exists() else ""
+        if text.endswith("}\n") and json.loads(text).get("pid") == pid:  # a complete record only
+            return
         time.sleep(0.02)
     raise AssertionError(f"{path} never named pid {pid}")
 

@@ -9,11 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 
-from radiodiff_resume.config import Config, build_config
-from tests.checkpoint.helpers import GOLDEN, STEP2, STEP4, build, committed
-from tests.conftest import tiny_raw, write_random_first_stage
+from radiodiff_resume.config import Config
+from tests.checkpoint.helpers import GOLDEN, torch_threads, train_golden
 
 
 @dataclass(frozen=True)
@@ -26,26 +24,15 @@ class Golden:
 
 @pytest.fixture(scope="package", autouse=True)
 def one_thread() -> tp.Iterator[None]:
-    """Run this package's tiny models on one CPU thread, restoring the previous setting afterwards.
-
-    The models are far too small to gain from intra-op threads, and on a shared 2-core machine
-    spinning OpenMP workers made these tests several times slower. Every save and verification
-    in the package runs with the same setting.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """This package's saves and verifications all run on one intra-op thread (see torch_threads)."""
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="package")
 def golden(one_thread: None, tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Golden:
     results = tmp_path_factory.mktemp("golden") / "run"
-    cfg = build_config(tiny_raw(results, synth_cache), GOLDEN)
-    write_random_first_stage(cfg)
-    trainer = build(cfg)
-    trainer.fit()
-    assert committed(results) == [STEP2, STEP4]
+    trainer = train_golden(results, synth_cache)
     return Golden(results, copy.deepcopy(trainer.state_dict()))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import typing as tp
@@ -12,13 +13,15 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
+from radiodiff_resume.build import write_untrained_first_stage
 from radiodiff_resume.checkpoint.files import decode_component
 from radiodiff_resume.checkpoint.files import write_component as write_files_of
 from radiodiff_resume.checkpoint.manifest import MANIFEST, checksum
 from radiodiff_resume.checkpoint.verify import open_checkpoint
-from radiodiff_resume.config import Config
+from radiodiff_resume.config import Config, build_config
 from radiodiff_resume.run import build_ldm_trainer
 from radiodiff_resume.trainer.ldm import LatentDiffusionTrainer
+from tests.conftest import tiny_raw
 
 STEP2, STEP4 = "step-00000002", "step-00000004"
 
@@ -31,6 +34,28 @@ FAST = ("trainer.val_batches=0", "trainer.num_sample_images=1")
 
 def build(cfg: Config) -> LatentDiffusionTrainer:
     return build_ldm_trainer(cfg, Accelerator())
+
+
+def train_golden(results: Path, synth_cache: Path) -> LatentDiffusionTrainer:
+    """The golden run: 4 steps of the tiny config with checkpoints committed at steps 2 and 4."""
+    cfg = build_config(tiny_raw(results, synth_cache), GOLDEN)
+    write_untrained_first_stage(cfg)
+    trainer = build(cfg)
+    trainer.fit()
+    assert committed(results) == [STEP2, STEP4]
+    return trainer
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> tp.Iterator[None]:
+    """``n`` intra-op threads for the duration (the tiny models gain nothing from more, and on a
+    shared 2-core machine spinning OpenMP workers make tests several times slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def committed(results: Path) -> list[str]:

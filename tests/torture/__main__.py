@@ -22,10 +22,8 @@ from pathlib import Path
 
 import torch
 
-from radiodiff_resume.config import build_config
 from radiodiff_resume.data.synthetic import ensure_synthetic
-from tests.checkpoint.helpers import GOLDEN, build
-from tests.conftest import tiny_raw, write_random_first_stage
+from tests.checkpoint.helpers import train_golden
 from tests.torture.corruption import run_trials
 from tests.torture.differences import run_differences
 from tests.torture.kills import run_kill_trials
@@ -45,9 +43,7 @@ def main() -> None:
         cache = work / "synth"
         ensure_synthetic(cache, num_maps=6, tx_per_map=2, seed=0, size=64)
         golden = work / "golden" / "run"
-        cfg = build_config(tiny_raw(golden, cache), GOLDEN)
-        write_random_first_stage(cfg)
-        build(cfg).fit()
+        train_golden(golden, cache)
 
         rows = []
         start = time.perf_counter()
