@@ -88,6 +88,9 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> LatentDiffusio
         trainer.fit()
     finally:
         lock.release()
+    # Tear the process group down together: a gloo rank that destroys its group while a peer is
+    # still working (rank 0 draws the curves last) was seen to abort at exit under load.
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return trainer
 
