@@ -535,27 +535,23 @@ def _text_edit(change: tp.Callable[[str], str], what: str) -> Apply:
     return apply
 
 
-def _value_text(key: str, text: str) -> Apply:
-    """Replace the JSON value of top-level ``key`` by raw ``text`` (NaN, 1e400, deep nesting)."""
-    pattern = re.compile(rf'^ "{re.escape(key)}": (.*?)(,?)$', re.M)
+def _value_text(key: str, text: str, probe: bool = False) -> Apply:
+    """Replace the JSON value of ``key`` (top level, or in ``probe``) by raw ``text`` (NaN, 1e400,
+    deep nesting)."""
+    indent = "  " if probe else " "
+    pattern = re.compile(rf'^{indent}"{re.escape(key)}": (.*?)(,?)$', re.M)
 
     def change(doc: str) -> str:
-        new, n = pattern.subn(lambda m: f' "{key}": {text}{m.group(2)}', doc, count=1)
+        new, n = pattern.subn(lambda m: f'{indent}"{key}": {text}{m.group(2)}', doc, count=1)
         assert n == 1, key
         return new
 
-    return _text_edit(change, f"manifest {key} = {text[:40]}{'...' if len(text) > 40 else ''}")
+    shown = text if probe else f"{text[:40]}{'...' if len(text) > 40 else ''}"
+    return _text_edit(change, f"manifest {'probe.' if probe else ''}{key} = {shown}")
 
 
 def _probe_text(key: str, text: str) -> Apply:
-    pattern = re.compile(rf'^  "{re.escape(key)}": (.*?)(,?)$', re.M)
-
-    def change(doc: str) -> str:
-        new, n = pattern.subn(lambda m: f'  "{key}": {text}{m.group(2)}', doc, count=1)
-        assert n == 1, key
-        return new
-
-    return _text_edit(change, f"manifest probe.{key} = {text}")
+    return _value_text(key, text, probe=True)
 
 
 def _duplicate_key(doc: str) -> str:
