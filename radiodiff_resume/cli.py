@@ -1,6 +1,7 @@
 """Command line: ``radiodiff-resume train --cfg configs/x.yaml [key=value ...]``.
 
-User errors (bad config, missing files) print one message and exit 2, no traceback.
+User errors (bad config, missing files) print one message and exit 2, no traceback; a run
+that halted to protect its state exits 4; a requested stop (checkpoint committed) exits 3.
 """
 
 from __future__ import annotations
@@ -11,11 +12,14 @@ import os
 import sys
 import typing as tp
 
-from radiodiff_resume.errors import StopRequested, UserError
+from radiodiff_resume.errors import HaltError, StopRequested, UserError
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3
 """Stopped on request after committing a checkpoint; run the same command to resume."""
+EXIT_HALTED = 4
+"""Halted to protect the run's state (guards exhausted, a save refused or failed): resuming as is
+would meet the same problem, so a scheduler must not requeue it blindly."""
 
 
 def _is_main_process() -> bool:
@@ -61,6 +65,10 @@ def run_command(func: tp.Callable[[argparse.Namespace], None], args: argparse.Na
     setup_logging()
     try:
         func(args)
+    except HaltError as exc:
+        if _is_main_process():
+            print(f"halted: {exc}", file=sys.stderr)
+        return EXIT_HALTED
     except UserError as exc:
         if _is_main_process():
             print(f"error: {exc}", file=sys.stderr)

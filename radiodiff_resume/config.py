@@ -33,6 +33,8 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LDM_LOSSES = ("l2", "l1")
 RECON_LOSSES = ("charbonnier", "l1")
+CLIP_MODES = ("zscore", "agc", "fixed", "none")
+NONFINITE_GRADS = ("skip", "scrub")
 
 
 @dataclass
@@ -254,6 +256,87 @@ class CheckpointConfig:
 
 
 @dataclass
+class LossGuardConfig:
+    """Loss spike detection: the z-score of a step's loss against recent accepted losses."""
+
+    spike_zscore: float | None = 6.0
+    """Skip the step when its loss lies this many standard deviations above the window's mean
+    (the deviation is floored at 1% of the mean); null disables spike detection."""
+    window: int = 100
+    """Accepted losses the mean and deviation are taken over."""
+    warmup: int = 20
+    """Accepted losses needed before spikes are detected."""
+
+
+@dataclass
+class ClipConfig:
+    """Gradient clipping, applied once per optimizer step with the norm computed once."""
+
+    mode: str = "zscore"
+    """``zscore``: ``trainer.max_grad_norm`` as a ceiling plus adaptive spike clipping (ZClip);
+    ``agc``: unit-wise adaptive clipping against the weight norm (NFNet); ``fixed``: only
+    ``trainer.max_grad_norm``; ``none``: no clipping."""
+    zscore: float = 2.5
+    """``zscore``: clip a norm whose z-score exceeds this down to mean + zscore * std."""
+    alpha: float = 0.97
+    """``zscore``: smoothing of the running mean and variance of the (clipped) norm."""
+    warmup: int = 25
+    """``zscore``: optimizer steps of plain statistics before adaptive clipping starts."""
+    agc_lambda: float = 0.01
+    """``agc``: largest ratio of a unit's gradient norm to its weight norm."""
+    agc_eps: float = 1.0e-3
+    """``agc``: floor of the weight norm (so zero-initialised units can move)."""
+
+
+@dataclass
+class NormStatsConfig:
+    """Running statistics (BatchNorm and any module with ``running_mean``/``running_var``)."""
+
+    check_every: int | None = None
+    """Check them for non-finite values every N steps (null: at each log interval); they are
+    also checked after loading, before validation and before every save."""
+    recalibrate_batches: int = 4
+    """Training batches a repair (and the EMA's own statistics) are recomputed over."""
+    ema_statistics: bool = True
+    """Validate and export the EMA weights with statistics recomputed for them, not the
+    online model's."""
+    momentum: float | None = None
+    """Set this momentum on every BatchNorm layer (null: keep the model's)."""
+    eps: float | None = None
+    """Set this eps on every BatchNorm layer (null: keep the model's; larger is safer in fp16)."""
+
+
+@dataclass
+class RollbackConfig:
+    """Escalation when skipping does not help."""
+
+    max_consecutive_skips: int = 20
+    """Roll back to the newest verified checkpoint after this many skipped steps in a row."""
+    skip_batches: int | None = None
+    """Batches to skip past the checkpoint's data position after a rollback (null: all batches
+    consumed since it, so training continues with the data that comes next)."""
+    lr_scale: float = 1.0
+    """Multiply the learning rate by this at each rollback (1: unchanged)."""
+    max_rollbacks: int = 3
+    """Stop, naming the last good checkpoint, after this many rollbacks without a new checkpoint."""
+
+
+@dataclass
+class GuardConfig:
+    """Numerical guards of both stages: batches, losses, gradients, running statistics."""
+
+    enabled: bool = True
+    """False: the plain loop (clip to ``trainer.max_grad_norm``, step); for comparisons only."""
+    nonfinite_grads: str = "skip"
+    """``skip``: no optimizer, LR, EMA or step advance; ``scrub``: set non-finite entries to 0,
+    then clip and step."""
+    loss: LossGuardConfig = field(default_factory=LossGuardConfig)
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    norm_stats: NormStatsConfig = field(default_factory=NormStatsConfig)
+    rollback: RollbackConfig = field(default_factory=RollbackConfig)
+
+
+@dataclass
 class Config:
     """Everything one run needs."""
 
@@ -261,6 +344,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     @property
     def results_folder(self) -> Path:
@@ -495,6 +579,8 @@ def validate(cfg: Config) -> list[str]:
     need(ck.keep_every is None or ck.keep_every >= 1, "checkpoint.keep_every", ck.keep_every, ">= 1, or null")
     need(0 <= ck.probe_tolerance < 1, "checkpoint.probe_tolerance", ck.probe_tolerance, "0 <= tol < 1")
 
+    _check_guard(cfg.guard, need)
+
     d = cfg.data
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
     need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
@@ -510,6 +596,37 @@ def validate(cfg: Config) -> list[str]:
     if (d.train is None) != (d.validation is None):
         problems.append("data.train / data.validation: plug in both datasets or neither")
     return problems
+
+
+def _check_guard(g: GuardConfig, need: tp.Callable[[bool, str, tp.Any, str], None]) -> None:
+    need(g.nonfinite_grads in NONFINITE_GRADS, "guard.nonfinite_grads", g.nonfinite_grads,
+         ", ".join(NONFINITE_GRADS))
+    lo = g.loss
+    need(lo.spike_zscore is None or lo.spike_zscore > 0, "guard.loss.spike_zscore", lo.spike_zscore,
+         "> 0, or null to disable")
+    need(lo.window >= 2, "guard.loss.window", lo.window, ">= 2")
+    need(1 <= lo.warmup <= lo.window, "guard.loss.warmup", lo.warmup, f"1 .. guard.loss.window ({lo.window})")
+    c = g.clip
+    need(c.mode in CLIP_MODES, "guard.clip.mode", c.mode, ", ".join(CLIP_MODES))
+    need(c.zscore > 0, "guard.clip.zscore", c.zscore, "> 0")
+    need(0 < c.alpha < 1, "guard.clip.alpha", c.alpha, "0 < alpha < 1")
+    need(c.warmup >= 2, "guard.clip.warmup", c.warmup, ">= 2")
+    need(c.agc_lambda > 0, "guard.clip.agc_lambda", c.agc_lambda, "> 0")
+    need(c.agc_eps > 0, "guard.clip.agc_eps", c.agc_eps, "> 0")
+    n = g.norm_stats
+    need(n.check_every is None or n.check_every >= 1, "guard.norm_stats.check_every", n.check_every,
+         ">= 1, or null for every log interval")
+    need(n.recalibrate_batches >= 1, "guard.norm_stats.recalibrate_batches", n.recalibrate_batches, ">= 1")
+    need(n.momentum is None or 0 < n.momentum <= 1, "guard.norm_stats.momentum", n.momentum,
+         "0 < momentum <= 1, or null")
+    need(n.eps is None or n.eps > 0, "guard.norm_stats.eps", n.eps, "> 0, or null")
+    r = g.rollback
+    need(r.max_consecutive_skips >= 1, "guard.rollback.max_consecutive_skips", r.max_consecutive_skips,
+         ">= 1")
+    need(r.skip_batches is None or r.skip_batches >= 0, "guard.rollback.skip_batches", r.skip_batches,
+         ">= 0, or null")
+    need(0 < r.lr_scale <= 1, "guard.rollback.lr_scale", r.lr_scale, "0 < scale <= 1")
+    need(r.max_rollbacks >= 0, "guard.rollback.max_rollbacks", r.max_rollbacks, ">= 0")
 
 
 def _import_problem(target: str) -> str | None:

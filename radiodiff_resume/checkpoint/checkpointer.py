@@ -35,6 +35,7 @@ from radiodiff_resume.checkpoint.manifest import (
     probe_from,
     record_of,
 )
+from radiodiff_resume.checkpoint.protocol import Checkpointable
 from radiodiff_resume.checkpoint.store import REASON_SUFFIX, CheckpointStore, rank_component
 from radiodiff_resume.checkpoint.verify import (
     CONFIG_FILE,
@@ -51,14 +52,12 @@ from radiodiff_resume.dist import Ranks
 from radiodiff_resume.errors import HaltError, UserError
 from radiodiff_resume.events import EventLog
 
-if tp.TYPE_CHECKING:
-    from radiodiff_resume.trainer.base import Trainer
-
 logger = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    def __init__(self, trainer: Trainer, cfg: CheckpointConfig, events: EventLog, ranks: Ranks) -> None:
+    def __init__(self, trainer: Checkpointable, cfg: CheckpointConfig, events: EventLog,
+                 ranks: Ranks) -> None:
         self.trainer = trainer
         self.cfg = cfg
         self.events = events
@@ -146,13 +145,19 @@ class Checkpointer:
         return manifest, None
 
     # ----- resuming ----------------------------------------------------------------
-    def resume(self) -> Path | None:
-        """Restore the newest verified checkpoint (or the one named); None when starting fresh."""
+    def newest(self) -> Path | None:
+        """The newest committed checkpoint folder (not yet verified), on every rank."""
+        committed = self.store.committed() if self.ranks.is_main else []
+        return self.ranks.broadcast(committed[0] if committed else None)
+
+    def resume(self, mode: str | None = None) -> Path | None:
+        """Restore the newest verified checkpoint (or the one named; ``mode`` overrides
+        ``checkpoint.resume``); None when starting fresh."""
         t = self.trainer
         chosen, failure, message = None, None, None
         if self.ranks.is_main:
             try:
-                chosen = self._choose()
+                chosen = self._choose(mode or self.cfg.resume)
             except Exception as exc:  # re-raised below on this rank; every other rank learns of it
                 failure = exc
                 message = str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {exc!r}"
@@ -217,8 +222,7 @@ class Checkpointer:
                 "resume is exact in data but not bit-exact in noise", t.stage, why)
             self.events.emit("resharded", stage=t.stage, step=ckpt.manifest.step, reason=why)
 
-    def _choose(self) -> Checkpoint | None:
-        mode = self.cfg.resume
+    def _choose(self, mode: str) -> Checkpoint | None:
         t = self.trainer
         leftovers = self.store.remove_leftovers()
         if leftovers:
@@ -235,7 +239,7 @@ class Checkpointer:
             self.events.emit("fresh_start", stage=t.stage, reason="checkpoint.resume=never")
             return None
         if mode != "auto":
-            return self._choose_named(Path(mode).expanduser())
+            return self._choose_named(Path(mode).expanduser(), mode)
         candidates = self.store.candidates()
         if not candidates and self.store.quarantined():
             raise UserError(
@@ -268,16 +272,16 @@ class Checkpointer:
             "checkpoint.resume=<its folder>, or pass checkpoint.resume=never to start fresh deliberately."
         )
 
-    def _choose_named(self, path: Path) -> Checkpoint:
+    def _choose_named(self, path: Path, mode: str) -> Checkpoint:
         """``checkpoint.resume=<folder>``: exactly that one; newer ones (and other lines) are set aside."""
         if not path.is_dir():
-            raise UserError(f"checkpoint.resume={self.cfg.resume}: no such checkpoint folder")
+            raise UserError(f"checkpoint.resume={mode}: no such checkpoint folder")
         report = self.verify_and_load(path)
         if report.damaged:
-            raise UserError(f"checkpoint.resume={self.cfg.resume} does not verify (it is damaged; a "
+            raise UserError(f"checkpoint.resume={mode} does not verify (it is damaged; a "
                             f"checkpoint you name is never moved):\n{report.describe()}")
         if not report.ok:
-            raise self._refusal(report, f"checkpoint.resume={self.cfg.resume}")
+            raise self._refusal(report, f"checkpoint.resume={mode}")
         ckpt = self._accept(report)
         chosen, step, line = path.resolve(), ckpt.manifest.step, ckpt.manifest.line
         others = [p for p in self.store.candidates() if p.resolve() != chosen and (
@@ -381,6 +385,10 @@ class Checkpointer:
 
     def _check_probe(self, report: Report, ckpt: Checkpoint) -> bool:
         t = self.trainer
+        if report.repairable:
+            return report.set("probe", True, f"not compared: the checkpoint's running statistics "
+                                             f"{', '.join(report.repairable[:4])} are not finite, so the "
+                                             "state it computes is the one after their repair")
         was = ckpt.manifest.probe
         value = float(t.probe_value(ckpt.shared["probe"]))
         env = fingerprint(t.accelerator.device)

@@ -7,7 +7,9 @@ to quarantine and fall back to an older one:
    listed file is a regular file with its size and SHA-256, read once and decoded from
    those same bytes; nothing missing or stray; every component has the shape the format
    requires; step, world size and rank files agree with each other.
-2. ``finite`` — every floating tensor is finite.
+2. ``finite`` — every floating tensor is finite, except running statistics (BatchNorm
+   ``running_mean`` / ``running_var``): those are derived from data, not learnt, and are
+   recomputed after loading (the probe is then not compared; see ``Report.repairable``).
 3. ``scale_factor`` — the model's buffer equals the manifest's, and is present exactly
    when the stage has one.
 
@@ -49,7 +51,8 @@ LEVELS = ("structure", "finite", "scale_factor", "keys", "probe")
 INTEGRITY = frozenset({"structure", "finite", "scale_factor"})
 
 REQUIRED = ("model", "optimizer", "train_state", "data", "probe")
-OPTIONAL = ("ema", "grad_scaler")
+OPTIONAL = ("ema", "grad_scaler", "guard")
+RUNNING_STATS = (".running_mean", ".running_var")
 CONFIG_FILE = "config.yaml"
 
 
@@ -69,6 +72,8 @@ class Report:
     levels: dict[str, Level] = field(default_factory=lambda: {n: Level(n) for n in LEVELS})
     checkpoint: Checkpoint | None = None
     """The decoded checkpoint, once every level passed."""
+    repairable: list[str] = field(default_factory=list)
+    """Non-finite running statistics: not damage, but the trainer must recompute them."""
 
     def set(self, name: str, ok: bool, detail: str = "", integrity: bool | None = None) -> bool:
         self.levels[name] = Level(name, ok, detail, name in INTEGRITY if integrity is None else integrity)
@@ -195,6 +200,8 @@ def _content_problems(manifest: Manifest, shared: dict[str, tp.Any], ranks: dict
          "probe: not a name → tensor map")
     if "ema" in shared:
         need(_ema_ok(shared["ema"]), "ema: not an EMA state")
+    if "guard" in shared:
+        need(_guard_ok(shared["guard"]), "guard: not a guard state")
     if "grad_scaler" in shared:
         need(isinstance(shared["grad_scaler"], dict) and all(
             isinstance(shared["grad_scaler"].get(k), (int, float))
@@ -222,6 +229,20 @@ def _ema_ok(ema: tp.Any) -> bool:
             and all(isinstance(ema.get(k), float) and 0.0 <= ema[k] <= 1.0 for k in ("decay", "min_decay"))
             and isinstance(ema.get("use_ema_warmup"), bool)
             and all(_is_number(ema.get(k)) and math.isfinite(ema[k]) for k in ("inv_gamma", "power")))
+
+
+def _guard_ok(guard: tp.Any) -> bool:
+    if not (isinstance(guard, dict) and isinstance(guard.get("counts"), dict)
+            and all(_is_int(v) and v >= 0 for v in guard["counts"].values())
+            and _ints(guard, "consecutive_skips", "rollbacks_since_save")
+            and isinstance(guard.get("lr_scale"), float) and 0 < guard["lr_scale"] <= 1):
+        return False
+    losses, clip = guard.get("losses"), guard.get("clip")
+    return (_ints(losses, "count") and isinstance(losses.get("losses"), torch.Tensor)
+            and losses["losses"].dim() == 1 and losses["losses"].is_floating_point()
+            and len(losses["losses"]) <= losses["count"]
+            and _ints(clip, "count") and clip["count"] >= 0
+            and all(isinstance(clip.get(k), torch.Tensor) and clip[k].dim() == 0 for k in ("mean", "var")))
 
 
 GROUP_TYPES: dict[str, tuple[type, ...]] = {
@@ -366,11 +387,18 @@ def nonfinite_names(tree: tp.Any) -> list[str]:
 
 
 def check_finite(report: Report, state: tp.Mapping[str, tp.Any]) -> bool:
-    """Level 2."""
-    bad = nonfinite_names({k: state[k] for k in ("model", "ema", "optimizer", "probe") if k in state})
-    if bad:
-        return report.set("finite", False, f"non-finite values in {len(bad)} tensor(s) or number(s): "
-                                           f"{_few(bad)}")
+    """Level 2; non-finite running statistics are listed in ``report.repairable`` instead."""
+    checked = ("model", "ema", "optimizer", "probe", "guard")
+    bad = nonfinite_names({k: state[k] for k in checked if k in state})
+    stats = [n for n in bad if n.startswith("model.") and n.endswith(RUNNING_STATS)]
+    damage = [n for n in bad if n not in stats]
+    if damage:
+        return report.set("finite", False, f"non-finite values in {len(damage)} tensor(s) or number(s): "
+                                           f"{_few(damage)}")
+    report.repairable = stats
+    if stats:
+        return report.set("finite", True, f"finite except {len(stats)} running statistic(s) ({_few(stats)}), "
+                                          "recomputed after loading")
     return report.set("finite", True, "all tensors and numbers finite")
 
 

@@ -135,14 +135,17 @@ class ConditionalLDM(nn.Module):
     def latent_moments(
         self, image: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """``[sum, sum of squares, count]`` of the unscaled latents, for ``scale_by_std``.
-
-        Returned as sums so ranks can add them before the std is taken.
+        """``[sum, sum of squares, count, samples left out]`` of the unscaled latents, for
+        ``scale_by_std``, over the samples whose latent is entirely finite (one NaN pixel must not
+        make ``scale_factor`` NaN). Returned as sums so ranks can add them before the std is taken.
         """
         with self._first_stage_precision(image.device):
             posterior = self.first_stage.encode(image.to(self._first_stage_dtype)).latent_dist
             z = posterior.sample(generator=generator).double()
-        return torch.stack([z.sum(), (z * z).sum(), torch.tensor(z.numel(), dtype=z.dtype, device=z.device)])
+        ok = torch.isfinite(z).flatten(1).all(1)
+        z = torch.where(ok.view(-1, *([1] * (z.dim() - 1))), z, 0.0)
+        count = ok.sum().double() * z[0].numel()
+        return torch.stack([z.sum(), (z * z).sum(), count, (~ok).sum().double()])
 
     def set_scale_factor(self, value: torch.Tensor | float) -> None:
         self.scale_factor.copy_(torch.as_tensor(value, dtype=self.scale_factor.dtype))

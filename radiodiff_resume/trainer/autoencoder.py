@@ -50,9 +50,9 @@ class AutoencoderTrainer(Trainer):
 
     def on_fit_end(self) -> None:
         """Write the (EMA, if kept) autoencoder weights atomically, from the main process."""
+        with self.ema_weights():  # every rank: the EMA's statistics are recomputed and synced
+            state = {k: v.clone() for k, v in self.wrapper.autoencoder.state_dict().items()}
         if self.accelerator.is_main_process:
-            with self.ema_weights():
-                state = dict(self.wrapper.autoencoder.state_dict())
-                save_tensors_atomic(self.export_path, state, {"step": str(self.state.step)})
+            save_tensors_atomic(self.export_path, state, {"step": str(self.state.step)})
             logger.info("first stage: weights written to %s", self.export_path)
         self.accelerator.wait_for_everyone()

@@ -4,6 +4,7 @@ subclasses say what a loss, a prediction and a sample grid are.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -22,11 +23,13 @@ from tqdm.auto import tqdm
 
 from radiodiff_resume.checkpoint.checkpointer import Checkpointer
 from radiodiff_resume.checkpoint.manifest import Manifest
-from radiodiff_resume.config import CheckpointConfig, Config, LoopConfig, to_dict, to_yaml
+from radiodiff_resume.config import CheckpointConfig, Config, GuardConfig, LoopConfig, to_dict, to_yaml
 from radiodiff_resume.data.stream import BatchStream
 from radiodiff_resume.dist import Ranks
 from radiodiff_resume.errors import StopRequested
 from radiodiff_resume.events import EventLog
+from radiodiff_resume.guard.policy import Guard, GuardHalt, StepOutcome
+from radiodiff_resume.guard.sanitize import finite_batch
 from radiodiff_resume.images import save_grid
 from radiodiff_resume.trainer.runlog import RunLog
 from radiodiff_resume.trainer.state import TrainState, capture_rng, derive_seed, restore_rng
@@ -112,10 +115,17 @@ class Trainer:
         self.events = EventLog(self.results_folder / "events.jsonl", accelerator.is_main_process)
         self.ranks = Ranks(accelerator)
         self.checkpointer = Checkpointer(self, checkpoint or CheckpointConfig(), self.events, self.ranks)
+        self.guard = Guard(
+            config.guard if config is not None else GuardConfig(), accelerator=accelerator,
+            module=self.unwrapped, params=self.params, max_grad_norm=loop.max_grad_norm,
+            events=self.events, ranks=self.ranks, stage=self.stage,
+        )
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._loss_count = 0
+        self._grad_norms: list[float] = []
         self._stop_reason: str | None = None
         self._probe_inputs: dict[str, torch.Tensor] | None = None
+        self._calibration: list[Batch] | None = None
 
     # ----- what subclasses provide -------------------------------------------------
     def trainable_module(self, model: nn.Module) -> nn.Module:
@@ -168,7 +178,10 @@ class Trainer:
 
     def fit(self) -> None:
         total = self.loop.train_num_steps
-        self.checkpointer.resume()
+        if self.guard.norm_stats:
+            self.calibration_batches()
+        if self.checkpointer.resume() is not None:
+            self.check_state("after load", weights=False)
         self.model.train()
         self.on_fit_start()
         logger.info("%s: training steps %d..%d", self.stage, self.state.step, total)
@@ -178,58 +191,148 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )
         while self.state.step < total:
-            loss = self.train_step()
-            self.state.step += 1
-            bar.update(1)
-            self.after_step(loss, bar)
+            outcome = self.train_step()
+            if outcome.stepped:
+                self.state.step += 1
+                bar.update(1)
+                self.after_step(outcome, bar)
+            elif self.guard.wants_rollback:
+                self.roll_back(f"{self.guard.consecutive_skips} optimizer steps skipped in a row")
+                bar.n = self.state.step
             if self.stop_agreed():
                 bar.close()
                 self.stop()
         bar.close()
-        if self.checkpointer.last_saved_step != self.state.step:
-            self.checkpointer.save()
+        while self.checkpointer.last_saved_step != self.state.step:
+            self.save_checkpoint()
         self.sync_buffers()
         self.on_fit_end()
         self.log.plot(self.results_folder / "curves.png")
 
-    def train_step(self) -> torch.Tensor:
-        """One optimizer step over ``gradient_accumulate_every`` micro-batches."""
-        losses = []
+    def train_step(self) -> StepOutcome:
+        """One optimizer step over ``gradient_accumulate_every`` micro-batches, or a skipped one.
+
+        The LR schedule, the EMA and the step counter (advanced by :meth:`fit`) move only when the
+        optimizer really stepped; the data position moves either way.
+        """
         for _ in range(self.loop.gradient_accumulate_every):
-            batch = self.to_device(next(self.train_stream))
+            batch = self.guard.check_batch(self.to_device(next(self.train_stream)))
             with self.accelerator.accumulate(self.model):
-                loss = self.training_loss(batch)
+                loss = self.guard.check_loss(self.training_loss(batch))
                 self.accelerator.backward(loss)
-                if self.accelerator.sync_gradients and self.loop.max_grad_norm is not None:
-                    self.accelerator.clip_grad_norm_(self.params, self.loop.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.detach())
-        self.lr_schedule.step()
-        next_step = self.state.step + 1
-        if self.ema is not None and next_step % self.loop.ema_update_every == 0:
-            self.ema.step(self.params)
+        outcome = self.guard.optimizer_step(self.optimizer, self.state.step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        if outcome.stepped:
+            self.lr_schedule.step()
+            if self.ema is not None and (self.state.step + 1) % self.loop.ema_update_every == 0:
+                self.ema.step(self.params)
         self.state.samples_seen += (
             self.batch_size * self.loop.gradient_accumulate_every * self.accelerator.num_processes
         )
-        return torch.stack(losses).mean()
+        return outcome
 
-    def after_step(self, loss: torch.Tensor, bar: tqdm) -> None:
-        """Logging, validation and samples on their schedules (one host sync per log)."""
+    def after_step(self, outcome: StepOutcome, bar: tqdm) -> None:
+        """Logging, checks, validation and checkpoints on their schedules (host syncs only there)."""
         step = self.state.step
-        self._loss_sum += loss
+        self._loss_sum += outcome.loss
         self._loss_count += 1
+        if outcome.grad_norm is not None:
+            self._grad_norms.append(outcome.grad_norm)
         if step % self.loop.log_freq == 0 or step == self.loop.train_num_steps:
-            mean = self.accelerator.reduce(self._loss_sum / self._loss_count, "mean").item()
-            self._loss_sum.zero_()
-            self._loss_count = 0
-            lr = self.lr_schedule.get_last_lr()[0]
-            self.log.write(step, {"loss": mean, "lr": lr})
-            bar.set_postfix(loss=f"{mean:.4g}", lr=f"{lr:.2e}")
+            self.write_log(step, bar)
+        if step % (self.guard.cfg.norm_stats.check_every or self.loop.log_freq) == 0:
+            if not self.check_state("interval"):
+                return
         if step % self.loop.save_and_sample_every == 0 or step == self.loop.train_num_steps:
             self.validate_and_sample()
         if self.checkpointer.due(step):
+            self.save_checkpoint()
+
+    def write_log(self, step: int, bar: tqdm) -> None:
+        mean = self.accelerator.reduce(self._loss_sum / self._loss_count, "mean").item()
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        lr = self.lr_schedule.get_last_lr()[0]
+        values: dict[str, float | int] = {"loss": mean, "lr": lr}
+        if self._grad_norms:
+            values["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
+            self._grad_norms.clear()
+        guard = self.guard.log_values() if self.guard.enabled else {}
+        self.log.write(step, {**values, **guard})
+        shown = {k.removeprefix("guard/"): v for k, v in guard.items() if v}
+        bar.set_postfix(loss=f"{mean:.4g}", lr=f"{lr:.2e}", **shown)
+
+    def save_checkpoint(self) -> None:
+        """Check the state, then commit it; a state that fails the check is rolled back instead."""
+        if self.check_state("before save"):
             self.checkpointer.save()
+            self.guard.saved()
+
+    # ----- guards ------------------------------------------------------------------
+    def check_state(self, when: str, weights: bool = True) -> bool:
+        """Repair non-finite running statistics; roll back non-finite weights (``weights``).
+        False when it rolled back. Every rank reaches the same answer: buffers are synced first
+        and weights are identical on every rank."""
+        if not self.guard.enabled:
+            return True
+        self.sync_buffers()
+        if self.guard.repair_norm_stats(self.unwrapped, self.calibration_forward, when, self.state.step):
+            self.sync_buffers()
+        if weights and self.guard.nonfinite_weights():
+            self.roll_back("non-finite weights")
+            return False
+        return True
+
+    def calibration_forward(self) -> None:
+        """Forward passes over this rank's first ``recalibrate_batches`` training batches of epoch 0
+        (the data stream and the run's random streams are not touched)."""
+        generator = torch.Generator(self.accelerator.device).manual_seed(
+            derive_seed(self.seed, self.stage, "calibrate", self.accelerator.process_index))
+        with torch.no_grad(), self.accelerator.autocast():
+            for batch in self.calibration_batches():
+                self.loss_with(self.unwrapped, self.to_device(batch), generator)
+
+    def calibration_batches(self) -> list[Batch]:
+        """The batches running statistics are recomputed over, NaN/Inf set to 0; read once, and by
+        :meth:`fit` before training, so that during training the data is read only by the stream."""
+        if self._calibration is None:
+            dataset, count = self.train_stream.dataset, self.guard.cfg.norm_stats.recalibrate_batches
+            self._calibration = [
+                finite_batch(torch.utils.data.default_collate([dataset[i] for i in indices]))[0]
+                for indices in self.train_stream.rank_batches(0)[:count]]
+        return self._calibration
+
+    def roll_back(self, why: str) -> None:
+        """Reload the newest verified checkpoint (nothing is quarantined for this) and go on past
+        the data that led here; after ``max_rollbacks`` without a new checkpoint, stop."""
+        guard, step = self.guard, self.state.step
+        newest = self.checkpointer.newest()
+        if newest is None or not guard.may_roll_back():
+            last = f"the last good checkpoint is {newest}" if newest else "no checkpoint was committed yet"
+            self.events.emit("halted", stage=self.stage, step=step, reason=why, last_good=str(newest))
+            raise GuardHalt(
+                f"{self.stage} step {step}: {why}, and "
+                + (f"{guard.rollbacks_since_save} rollback(s) since the last checkpoint did not help"
+                   if newest else "there is nothing to roll back to")
+                + f"; {last}. Look at {self.events.path} for what was skipped; lower trainer.lr, try "
+                "trainer.mixed_precision=bf16 or check the data, then run the same command to resume.")
+        data, rank_state, carried = self.train_stream.state_dict(), self.rank_state_dict(), guard.carried()
+        path = self.checkpointer.resume(mode="auto")
+        guard.rolled_back(carried)
+        skip = guard.cfg.rollback.skip_batches
+        if skip is None:
+            self.train_stream.load_state_dict(data)
+        else:
+            for _ in range(skip):
+                next(self.train_stream)
+        self.load_rank_state_dict(rank_state)
+        self.apply_loop_settings()
+        self.events.emit("rolled_back", stage=self.stage, step=step, to_step=self.state.step, path=str(path),
+                         reason=why, lr_scale=guard.lr_scale, skipped_batches="all since" if skip is None
+                         else skip)
+        logger.warning("%s step %d: %s: rolled back to %s (step %d), %s, LR x%g", self.stage, step, why,
+                       path, self.state.step, "continuing with the data that comes next" if skip is None
+                       else f"skipping {skip} batch(es) past it", guard.lr_scale)
 
     # ----- stopping ----------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
@@ -245,9 +348,9 @@ class Trainer:
 
     def stop(self) -> tp.NoReturn:
         """Save (all ranks together) and raise :class:`StopRequested`."""
+        if self.checkpointer.last_saved_step != self.state.step:
+            self.save_checkpoint()
         step = self.state.step
-        if self.checkpointer.last_saved_step != step:
-            self.checkpointer.save()
         self.events.emit("stopped", stage=self.stage, step=step, reason=self._stop_reason or "another rank")
         logger.warning("%s: stop requested (%s); checkpoint of step %d committed",
                        self.stage, self._stop_reason or "by another rank", step)
@@ -271,7 +374,7 @@ class Trainer:
 
     def validate_and_sample(self) -> ValidationResult | None:
         """Validate with EMA weights (if any), log the result, write a sample grid."""
-        self.sync_buffers()
+        self.check_state("before validation", weights=False)
         with self.ema_weights():
             self.model.eval()
             result = None
@@ -300,10 +403,9 @@ class Trainer:
                 torch.distributed.broadcast(buffer, src=0)
 
     def write_samples(self) -> None:
-        n = min(self.loop.num_sample_images, len(self.val_set))  # type: ignore[arg-type]
-        batch = self.to_device(
-            torch.utils.data.default_collate([self.val_set[i] for i in range(n)])
-        )
+        batch = finite_batch(self.to_device(
+            torch.utils.data.default_collate(self._finite_val_samples(self.loop.num_sample_images))
+        ))[0]
         path = self.results_folder / "samples" / f"step-{self.state.step:08d}.png"
         save_grid(path, self.sample_columns(batch))
         logger.info("%s step %d: samples written to %s", self.stage, self.state.step, path)
@@ -315,11 +417,23 @@ class Trainer:
         Two samples are enough for a fingerprint and keep the probe cheap at save and load.
         """
         if self._probe_inputs is None:
-            n = min(PROBE_SAMPLES, len(self.val_set))  # type: ignore[arg-type]
-            batch = torch.utils.data.default_collate([self.val_set[i] for i in range(n)])
+            batch = finite_batch(torch.utils.data.default_collate(self._finite_val_samples(PROBE_SAMPLES)))[0]
             generator = torch.Generator().manual_seed(derive_seed(self.seed, self.stage, "probe"))
             self._probe_inputs = self.make_probe_inputs(batch, generator)
         return self._probe_inputs
+
+    def _finite_val_samples(self, n: int) -> list[dict[str, tp.Any]]:
+        """The first ``n`` validation samples without NaN/Inf (the first ``n`` if there are not enough)."""
+        size = len(self.val_set)  # type: ignore[arg-type]
+        chosen = []
+        for i in range(size):
+            item = self.val_set[i]
+            floats = [v for v in item.values() if torch.is_tensor(v) and v.is_floating_point()]
+            if all(torch.isfinite(v).all() for v in floats):
+                chosen.append(item)
+            if len(chosen) == n:
+                return chosen
+        return [self.val_set[i] for i in range(min(n, size))]
 
     def probe_dtype(self) -> str:
         """The autocast dtype the probe really ran in (accelerate ignores fp16 on a CPU)."""
@@ -344,8 +458,28 @@ class Trainer:
             derive_seed(self.seed, self.stage, "sample")
         )
 
-    def ema_weights(self) -> tp.ContextManager[None]:
-        return _SwapEMA(self.ema, self.params)
+    @contextlib.contextmanager
+    def ema_weights(self) -> tp.Iterator[None]:
+        """EMA weights in (with running statistics recomputed for them, when the model has any and
+        ``guard.norm_stats.ema_statistics``), everything back out after, even on error.
+        Every rank must enter it together (the statistics are synced)."""
+        if self.ema is None:
+            yield
+            return
+        stats = self.guard.norm_stats
+        own = stats and self.guard.cfg.norm_stats.ema_statistics
+        saved = stats.snapshot() if own else None
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+        try:
+            if own:
+                stats.recompute(self.unwrapped, [n for n, _ in stats.modules], self.calibration_forward)
+                self.sync_buffers()
+            yield
+        finally:
+            self.ema.restore(self.params)
+            if saved is not None:
+                stats.restore(saved)
 
     def new_ema(self) -> EMAModel:
         """An EMA of the trainable parameters as they are now, with the loop's settings."""
@@ -365,6 +499,8 @@ class Trainer:
             state["ema"] = self.ema.state_dict()
         if self.accelerator.scaler is not None:
             state["grad_scaler"] = self.accelerator.scaler.state_dict()
+        if self.guard.enabled:
+            state["guard"] = self.guard.state_dict()
         return state
 
     def load_state_dict(self, state: tp.Mapping[str, tp.Any]) -> None:
@@ -376,6 +512,7 @@ class Trainer:
         self._load_data_position(state["data"])
         self._load_ema(state.get("ema"))
         self._load_scaler(state.get("grad_scaler"))
+        self._load_guard(state.get("guard"))
         self.apply_loop_settings()
 
     def apply_loop_settings(self) -> None:
@@ -385,7 +522,7 @@ class Trainer:
         step rather than loaded: the same floats as an uninterrupted run when nothing changed.
         """
         for group in self.optimizer.param_groups:
-            group["initial_lr"] = self.loop.lr
+            group["initial_lr"] = self.loop.lr * self.guard.lr_scale
             group["weight_decay"] = self.loop.weight_decay
         optimizer = tp.cast(torch.optim.Optimizer, getattr(self.optimizer, "optimizer", self.optimizer))
         self.lr_schedule = LambdaLR(optimizer, warmup_cosine(self.loop), last_epoch=self.state.step - 1)
@@ -421,6 +558,13 @@ class Trainer:
         # beside the parameters (a GPU resume would otherwise fail on its first step).
         self.ema.to(device=self.accelerator.device)
 
+    def _load_guard(self, saved: tp.Mapping[str, tp.Any] | None) -> None:
+        if saved is not None:
+            self.guard.load_state_dict(saved)
+        elif self.guard.enabled and self.accelerator.is_main_process:
+            logger.warning("%s: the checkpoint has no guard state (saved before guards, or with them off): "
+                           "loss and gradient-norm statistics start afresh", self.stage)
+
     def _load_scaler(self, saved: tp.Mapping[str, tp.Any] | None) -> None:
         scaler = self.accelerator.scaler
         if scaler is not None and saved is not None:
@@ -451,20 +595,3 @@ def fresh_grad_scaler(used: torch.amp.GradScaler) -> torch.amp.GradScaler:
         backoff_factor=used.get_backoff_factor(), growth_interval=used.get_growth_interval(),
         enabled=used.is_enabled(),
     )
-
-
-class _SwapEMA:
-    """Context manager: EMA weights in, online weights back out (even on error)."""
-
-    def __init__(self, ema: EMAModel | None, params: list[nn.Parameter]) -> None:
-        self.ema = ema
-        self.params = params
-
-    def __enter__(self) -> None:
-        if self.ema is not None:
-            self.ema.store(self.params)
-            self.ema.copy_to(self.params)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.ema is not None:
-            self.ema.restore(self.params)

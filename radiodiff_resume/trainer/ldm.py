@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from radiodiff_resume.checkpoint.manifest import Manifest
+from radiodiff_resume.errors import DataError
 from radiodiff_resume.io import save_tensors_atomic
 from radiodiff_resume.models.ldm import ConditionalLDM
 from radiodiff_resume.trainer.base import Batch, Trainer
@@ -54,24 +55,34 @@ class LatentDiffusionTrainer(Trainer):
             derive_seed(self.seed, self.stage, "scale_by_std", self.accelerator.process_index)
         )
         moments = self.accelerator.reduce(self.ldm.latent_moments(batch["image"], generator), "sum")
-        total, squares, count = moments.tolist()
+        total, squares, count, left_out = moments.tolist()
+        if count == 0:
+            raise DataError(
+                "model.scale_by_std: every sample of the first training batch (on every process) has a "
+                "non-finite latent, so no scale can be measured; check the data (NaN/Inf in the images) "
+                "or set model.scale_by_std=false and model.scale_factor to a known value")
         mean = total / count
         std = (squares / count - mean * mean) ** 0.5
         self.ldm.set_scale_factor(1.0 / std)
         logger.info(
-            "ldm: scale_by_std set scale_factor = 1/std = %.6g (first batch of every rank, %d values)",
-            1.0 / std, int(count),
+            "ldm: scale_by_std set scale_factor = 1/std = %.6g (first batch of every rank, %d values%s)",
+            1.0 / std, int(count), f"; {int(left_out)} sample(s) with non-finite latents left out"
+            if left_out else "",
         )
 
     def on_fit_end(self) -> None:
         """Write final weights (online and EMA) for inference, from the main process."""
+        online = dict(self.ldm.state_dict())
+        ema = None
+        if self.ema is not None:
+            with self.ema_weights():  # every rank: the EMA's statistics are recomputed and synced
+                ema = {k: v.clone() for k, v in self.ldm.state_dict().items()}
         if self.accelerator.is_main_process:
             meta = {"step": str(self.state.step), "scale_factor": repr(float(self.ldm.scale_factor))}
             folder = self.results_folder / "final"
-            save_tensors_atomic(folder / "model.safetensors", dict(self.ldm.state_dict()), meta)
-            if self.ema is not None:
-                with self.ema_weights():
-                    save_tensors_atomic(folder / "model_ema.safetensors", dict(self.ldm.state_dict()), meta)
+            save_tensors_atomic(folder / "model.safetensors", online, meta)
+            if ema is not None:
+                save_tensors_atomic(folder / "model_ema.safetensors", ema, meta)
             logger.info("ldm: final weights written to %s", folder)
         self.accelerator.wait_for_everyone()
 

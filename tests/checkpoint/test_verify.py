@@ -59,7 +59,7 @@ def test_good_checkpoint_verifies_at_every_level_and_restores_the_saved_state(
     assert report.failure is None
     assert [lv.ok for lv in report.levels.values()] == [True] * 5
     assert "bit-exact" in report.levels["probe"].detail
-    assert report.levels["structure"].detail.startswith("13 files")
+    assert report.levels["structure"].detail.startswith("15 files")
     manifest = read_manifest(ckpt)
     assert report.levels["scale_factor"].detail == f"{manifest['scale_factor']:.6g}"
     assert trainer.state.step == 4

@@ -139,6 +139,6 @@ def test_the_oracle_counts_an_unchanged_copy_as_missed(bench: Bench) -> None:
 
 def test_every_file_of_the_checkpoint_gets_every_generic_mutation(golden_results: Path) -> None:
     files = sorted(p.name for p in (golden_results / "checkpoints" / NEWEST).iterdir())
-    assert MANIFEST in files and len(files) == 14, files
+    assert MANIFEST in files and len(files) == 16, files
     targets = {m.target for m in all_mutations(golden_results) if m.group == "file"}
     assert targets == set(files)

@@ -1,0 +1,1 @@
+"""Numerical guards: batches, losses, gradients and running statistics (see ``policy``)."""

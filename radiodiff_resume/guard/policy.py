@@ -1,0 +1,334 @@
+"""What the training loop asks before and after each forward, and at each optimizer step.
+
+Per optimizer step the guard reads exactly one small vector back to the host (micro-batches
+kept, non-finite losses, spike flag, gradient norm, clip threshold, loss): every decision is
+computed on the device first and taken from that one read. The fault paths (naming bad
+samples, scrubbing) may read more; a clean step never does.
+
+Skip means skip: no optimizer step (so no Adam moment decay and no weight decay), no LR
+schedule, EMA or step-counter advance, running statistics put back; under fp16 the
+GradScaler has unscaled first, so it still sees an overflow and backs off.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import typing as tp
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+
+from radiodiff_resume.config import GuardConfig
+from radiodiff_resume.dist import Ranks
+from radiodiff_resume.errors import HaltError
+from radiodiff_resume.events import EventLog
+from radiodiff_resume.guard.clipping import Clipper, grads_of, scale_grads, scrub_grads, total_norm
+from radiodiff_resume.guard.norm_stats import NormStats, apply_stability_settings
+from radiodiff_resume.guard.sanitize import finite_batch
+from radiodiff_resume.guard.spike import LossWindow
+
+logger = logging.getLogger(__name__)
+
+COUNTERS = ("batches_skipped", "steps_skipped", "grads_scrubbed", "grads_clipped", "adaptive_clips",
+            "bn_repaired", "rollbacks")
+"""Cumulative counts of guard actions, kept in the train state and logged."""
+
+
+class GuardHalt(HaltError):
+    """Guards could not keep the run healthy (rollbacks exhausted, nothing to roll back to)."""
+
+
+@dataclass
+class StepOutcome:
+    """What one optimizer step did."""
+
+    stepped: bool
+    loss: torch.Tensor
+    """Mean loss of the micro-batches that counted (0-dim, on the device)."""
+    grad_norm: float | None
+    """Total gradient norm before clipping (None when the guards are off: never read)."""
+    reason: str | None = None
+    """Why the step was skipped: ``batch``, ``loss``, ``spike``, ``grads`` or ``scaler``."""
+
+
+class Guard:
+    """Numerical guards of one trainer; see the module docstring."""
+
+    def __init__(self, cfg: GuardConfig, *, accelerator: Accelerator, module: nn.Module,
+                 params: list[nn.Parameter], max_grad_norm: float | None, events: EventLog,
+                 ranks: Ranks, stage: str) -> None:
+        self.cfg = cfg
+        self.enabled = cfg.enabled
+        self.accelerator = accelerator
+        self.params = params
+        self.max_grad_norm = max_grad_norm
+        self.events = events
+        self.ranks = ranks
+        self.stage = stage
+        device = accelerator.device
+        self.device = device
+        changed = apply_stability_settings(module, cfg.norm_stats.momentum, cfg.norm_stats.eps)
+        if changed:
+            logger.info("%s: guard.norm_stats momentum=%s eps=%s set on %d BatchNorm layer(s)", stage,
+                        cfg.norm_stats.momentum, cfg.norm_stats.eps, changed)
+        self.norm_stats = NormStats(module)
+        self.clipper = Clipper(cfg.clip, max_grad_norm, device)
+        self.losses = LossWindow(cfg.loss, device)
+        self.counts = dict.fromkeys(COUNTERS, 0)
+        self.consecutive_skips = 0
+        self.rollbacks_since_save = 0
+        self.lr_scale = 1.0
+        self._step_snapshot: list[torch.Tensor] | None = None
+        self._rejected: torch.Tensor | None = None
+        self._micro_snapshot: list[torch.Tensor] | None = None
+        self._agc_units = torch.zeros((), dtype=torch.int64, device=device)
+        self._begin()
+
+    # ----- micro-steps -------------------------------------------------------------
+    def _begin(self) -> None:
+        zero = torch.zeros((), device=self.device)
+        self._kept, self._loss_sum, self._loss_bad = zero.clone(), zero.clone(), zero.clone()
+        self._micro = 0
+        self._sample_masks: list[torch.Tensor] = []
+        self._names: list[tp.Any] = []
+        self._batch_ok = torch.ones((), dtype=torch.bool, device=self.device)
+        self._losses: list[torch.Tensor] = []
+
+    def check_batch(self, batch: dict[str, tp.Any]) -> dict[str, tp.Any]:
+        """The batch with non-finite values replaced by 0 (so the forward stays finite); whether it
+        was clean is remembered for :meth:`check_loss`. Snapshots the running statistics."""
+        if not self.enabled:
+            return batch
+        self._put_back_stats()
+        if self.norm_stats:
+            if self._micro == 0:
+                self._step_snapshot = self.norm_stats.snapshot(self._step_snapshot)
+            else:
+                self._micro_snapshot = self.norm_stats.snapshot(self._micro_snapshot)
+        self._micro += 1
+        clean, ok = finite_batch(batch)
+        if ok is None:
+            return clean
+        self._sample_masks.append(ok)
+        self._names.append(batch.get("name"))
+        self._batch_ok = ok.all()
+        return clean
+
+    def check_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` masked to zero when its batch was bad or it is not finite: backward still runs
+        on every rank (DDP cannot hang) and a rejected micro-batch adds exactly zero gradient."""
+        if not self.enabled:
+            self._losses.append(loss.detach())
+            return loss
+        finite = torch.isfinite(loss)
+        use = self._batch_ok & finite
+        self._kept += use
+        self._loss_bad += self._batch_ok & ~finite
+        self._loss_sum += torch.where(use, loss.detach().float(), 0.0)
+        if self.norm_stats:
+            # Put back after backward (BatchNorm's backward checks its buffers were not modified).
+            self._rejected = ~use
+        self._batch_ok = torch.ones((), dtype=torch.bool, device=self.device)
+        return torch.where(use, loss, torch.zeros_like(loss))
+
+    def _put_back_stats(self) -> None:
+        """The statistics from before the last micro-batch, where that micro-batch was rejected."""
+        if self._rejected is not None:
+            snapshot = self._step_snapshot if self._micro == 1 else self._micro_snapshot
+            self.norm_stats.restore_where(self._rejected, tp.cast(list, snapshot))
+            self._rejected = None
+
+    # ----- the optimizer step ------------------------------------------------------
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, step: int) -> StepOutcome:
+        """Decide, clip and step (or skip) once the micro-batches' gradients are in."""
+        try:
+            if not self.enabled:
+                return self._plain_step(optimizer)
+            return self._guarded_step(optimizer, step)
+        finally:
+            self._begin()
+
+    def _plain_step(self, optimizer: torch.optim.Optimizer) -> StepOutcome:
+        """The loop without guards: clip to ``max_grad_norm`` and step through accelerate."""
+        if self.max_grad_norm is not None:
+            self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
+        optimizer.step()
+        skipped = bool(getattr(optimizer, "step_was_skipped", False))
+        return StepOutcome(not skipped, torch.stack(self._losses).mean(), None, "scaler" if skipped else None)
+
+    def _guarded_step(self, optimizer: torch.optim.Optimizer, step: int) -> StepOutcome:
+        self._put_back_stats()
+        inner = tp.cast(torch.optim.Optimizer, getattr(optimizer, "optimizer", optimizer))
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            scaler.unscale_(inner)  # records found_inf: the scaler sees an overflow before any scrub
+        stats = torch.stack([self._kept, self._loss_sum, self._loss_bad])
+        if self.ranks.world > 1:
+            torch.distributed.all_reduce(stats)  # a device collective, not a host sync
+        kept, loss_sum, loss_bad = stats.unbind()
+        micro_total = self.ranks.world * self._micro
+        loss = loss_sum / kept.clamp_min(1)
+        spike = self.losses.is_spike(loss)
+        factor = micro_total / kept.clamp_min(1)  # the mean over kept micro-batches; 1.0 when all kept
+        grads = grads_of(self.params)
+        norm = total_norm(grads).to(self.device) * factor
+        threshold = self.clipper.threshold(norm)
+        verdict = torch.stack([kept, loss_bad, spike.float(), norm, threshold, loss]).tolist()  # the one sync
+        kept_n, bad_losses, is_spike, norm_v, threshold_v, loss_v = verdict
+        rejected = micro_total - int(kept_n) - int(bad_losses)
+        if rejected:
+            self._report_batches(step, rejected)
+        reason = None
+        if bad_losses > 0 or not math.isfinite(loss_v):
+            reason = "loss"
+        elif kept_n == 0:
+            reason = "batch"
+        elif is_spike:
+            reason = "spike"
+        elif not math.isfinite(norm_v):
+            if self.cfg.nonfinite_grads == "scrub":
+                norm, threshold = self._scrub(grads, factor, step)
+            else:
+                reason = "grads"
+        if reason is not None:
+            return self._skip(step, reason, loss, norm_v, loss_v if kept_n else None, scaler)
+        scale_grads(grads, self.clipper.coefficient(norm, threshold) * factor)
+        if self.cfg.clip.mode == "agc":
+            self._agc_units += self.clipper.apply_agc(self.params)
+        self._note_clip(step, norm_v, threshold_v)
+        self.clipper.observe(torch.minimum(norm, threshold))
+        self.losses.accept(loss)
+        inner.step()
+        if scaler is not None:
+            scaler.update()
+        self.consecutive_skips = 0
+        return StepOutcome(True, loss, norm_v)
+
+    def _scrub(self, grads: list[torch.Tensor], factor: torch.Tensor,
+               step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scrub_grads(grads)
+        self.counts["grads_scrubbed"] += 1
+        self.events.emit("grads_scrubbed", stage=self.stage, step=step, rank=self.ranks.rank)
+        logger.warning("%s step %d: non-finite gradients set to 0 (guard.nonfinite_grads=scrub)",
+                       self.stage, step)
+        norm = total_norm(grads).to(self.device) * factor
+        return norm, self.clipper.threshold(norm)
+
+    def _skip(self, step: int, reason: str, loss: torch.Tensor, norm: float, loss_v: float | None,
+              scaler: torch.amp.GradScaler | None) -> StepOutcome:
+        if self.norm_stats and self._step_snapshot is not None:
+            self.norm_stats.restore(self._step_snapshot)
+        if scaler is not None:
+            scaler.update()  # backs off when unscale_ found an overflow
+        self.counts["steps_skipped"] += 1
+        self.consecutive_skips += 1
+        self.events.emit("step_skipped", stage=self.stage, step=step, rank=self.ranks.rank, reason=reason,
+                         loss=_number(loss_v), grad_norm=_number(norm),
+                         consecutive=self.consecutive_skips)
+        logger.warning("%s step %d: optimizer step skipped (%s; loss %s, grad norm %s), %d in a row",
+                       self.stage, step, reason, _number(loss_v), _number(norm), self.consecutive_skips)
+        return StepOutcome(False, loss, norm, reason)
+
+    def _note_clip(self, step: int, norm: float, threshold: float) -> None:
+        if norm <= threshold:
+            return
+        self.counts["grads_clipped"] += 1
+        ceiling = math.inf if self.clipper.max_norm is None else self.clipper.max_norm
+        if self.clipper.adaptive and threshold < ceiling:
+            self.counts["adaptive_clips"] += 1
+            self.events.emit("grad_clipped", stage=self.stage, step=step, rank=self.ranks.rank,
+                             grad_norm=norm, threshold=threshold, mode="zscore")
+
+    def _report_batches(self, step: int, skipped: int) -> None:
+        """Name the rejected samples of every rank in one event (the fault path: reads masks)."""
+        local = []
+        for mask, names in zip(self._sample_masks, self._names, strict=True):
+            for i, ok in enumerate(mask.tolist()):
+                if not ok:
+                    local.append(names[i] if isinstance(names, (list, tuple)) else f"sample {i}")
+        per_rank = self.ranks.gather(local)
+        self.counts["batches_skipped"] += skipped
+        samples = {f"rank {r}": names for r, names in enumerate(per_rank) if names}
+        self.events.emit("batch_skipped", stage=self.stage, step=step, rank=self.ranks.rank,
+                         micro_batches=skipped, samples=samples)
+        logger.warning("%s step %d: %d micro-batch(es) with non-finite values left out: %s", self.stage,
+                       step, skipped, samples)
+
+    # ----- escalation --------------------------------------------------------------
+    @property
+    def wants_rollback(self) -> bool:
+        return self.enabled and self.consecutive_skips >= self.cfg.rollback.max_consecutive_skips
+
+    def may_roll_back(self) -> bool:
+        return self.rollbacks_since_save < self.cfg.rollback.max_rollbacks
+
+    def rolled_back(self, carried: dict[str, tp.Any]) -> None:
+        """After a checkpoint was reloaded: counters continue from ``carried`` (what they were before
+        the reload), one more rollback, the LR scaled."""
+        self.counts = dict(carried["counts"])
+        self.counts["rollbacks"] += 1
+        self.rollbacks_since_save = carried["rollbacks_since_save"] + 1
+        self.lr_scale = carried["lr_scale"] * self.cfg.rollback.lr_scale
+        self.consecutive_skips = 0
+
+    def carried(self) -> dict[str, tp.Any]:
+        return {"counts": dict(self.counts), "rollbacks_since_save": self.rollbacks_since_save,
+                "lr_scale": self.lr_scale}
+
+    def saved(self) -> None:
+        """A new checkpoint committed: rollbacks are counted afresh from it."""
+        self.rollbacks_since_save = 0
+
+    def nonfinite_weights(self) -> bool:
+        """Whether any trainable weight is NaN/Inf (one host sync; at checks, never per step)."""
+        if not self.params:
+            return False
+        flags = torch.stack([~torch.isfinite(p.detach()).all() for p in self.params])
+        return bool(flags.any().item())
+
+    def repair_norm_stats(self, root: nn.Module, forward: tp.Callable[[], None], when: str,
+                          step: int) -> list[str]:
+        """Find modules with non-finite statistics; recompute them over a few batches, or reset them
+        when that fails too. Returns the repaired modules' names."""
+        broken = self.norm_stats.nonfinite()
+        if not broken:
+            return []
+        self.norm_stats.recompute(root, broken, forward)
+        still = self.norm_stats.nonfinite()
+        if still:
+            self.norm_stats.reset(still)
+        self.counts["bn_repaired"] += len(broken)
+        method = {n: "reset" if n in still else "recomputed" for n in broken}
+        self.events.emit("bn_repaired", stage=self.stage, step=step, rank=self.ranks.rank, when=when,
+                         modules=method)
+        logger.warning("%s step %d: non-finite running statistics %s (%s): %s", self.stage, step, when,
+                       ", ".join(broken), ", ".join(f"{n} {m}" for n, m in method.items()))
+        return broken
+
+    # ----- reporting and state -----------------------------------------------------
+    def log_values(self) -> dict[str, int]:
+        values = {f"guard/{k}": v for k, v in self.counts.items()}
+        if self.enabled and self.cfg.clip.mode == "agc":
+            values["guard/agc_clipped_units"] = int(self._agc_units.item())
+        return values
+
+    def state_dict(self) -> dict[str, tp.Any]:
+        return {"counts": dict(self.counts), "consecutive_skips": self.consecutive_skips,
+                "rollbacks_since_save": self.rollbacks_since_save, "lr_scale": self.lr_scale,
+                "losses": self.losses.state_dict(), "clip": self.clipper.state_dict()}
+
+    def load_state_dict(self, state: tp.Mapping[str, tp.Any]) -> None:
+        self.counts = {k: int(state["counts"].get(k, 0)) for k in COUNTERS}
+        self.consecutive_skips = int(state["consecutive_skips"])
+        self.rollbacks_since_save = int(state["rollbacks_since_save"])
+        self.lr_scale = float(state["lr_scale"])
+        self.losses.load_state_dict(state["losses"])
+        self.clipper.load_state_dict(state["clip"])
+
+
+def _number(value: float | None) -> float | str | None:
+    """A float for JSON: non-finite values as text, never passed off as numbers."""
+    return value if value is None or math.isfinite(value) else repr(value)
