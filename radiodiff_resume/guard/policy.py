@@ -191,6 +191,7 @@ class Guard:
         elif not math.isfinite(norm_v):
             if self.cfg.nonfinite_grads == "scrub":
                 norm, threshold = self._scrub(grads, factor, step)
+                norm_v, threshold_v = torch.stack([norm, threshold]).tolist()  # the fault path reads again
             else:
                 reason = "grads"
         if reason is not None:

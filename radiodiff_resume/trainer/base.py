@@ -199,6 +199,7 @@ class Trainer:
             elif self.guard.wants_rollback:
                 self.roll_back(f"{self.guard.consecutive_skips} optimizer steps skipped in a row")
                 bar.n = self.state.step
+                bar.refresh()
             if self.stop_agreed():
                 bar.close()
                 self.stop()
@@ -236,7 +237,7 @@ class Trainer:
         step = self.state.step
         self._loss_sum += outcome.loss
         self._loss_count += 1
-        if outcome.grad_norm is not None:
+        if outcome.grad_norm is not None and math.isfinite(outcome.grad_norm):
             self._grad_norms.append(outcome.grad_norm)
         if step % self.loop.log_freq == 0 or step == self.loop.train_num_steps:
             self.write_log(step, bar)

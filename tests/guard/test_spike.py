@@ -27,7 +27,8 @@ def test_deviation_is_floored_at_one_percent_of_the_mean() -> None:
     w = window(spike_zscore=6.0, window=4, warmup=2)
     for _ in range(4):
         w.accept(torch.tensor(2.0))
-    assert not w.is_spike(torch.tensor(2.0 + 6 * 0.02 - 1e-4)) and w.is_spike(torch.tensor(2.0 + 6 * 0.02 + 1e-4))
+    limit = 2.0 + 6 * 0.02
+    assert not w.is_spike(torch.tensor(limit - 1e-4)) and w.is_spike(torch.tensor(limit + 1e-4))
 
 
 def test_null_threshold_disables_detection() -> None:

@@ -856,6 +856,7 @@ def _deep_value(name: str, key: str, depth: int) -> Apply:
 
 DANGLING = "referenced by the checkpoint is missing"
 NONFINITE = "non-finite values"
+GUARD = "guard: not a guard state"
 COMPONENT_JSON = ("model.json", "optimizer.json", "train_state.json", "data.json", "probe.json", "ema.json",
                   "rank-00000.json")
 SAFETENSORS = ("model", "optimizer", "ema", "probe", "rank-00000")
@@ -949,6 +950,14 @@ def component_mutations() -> list[Mutation]:
         m("use-ema-warmup-int", "ema.json", edit_json("ema.json", lambda t: t.update(use_ema_warmup=0)),
           "ema: not an EMA state"),
         m("malformed-listed", "grad_scaler.json", _grad_scaler_listed, "grad_scaler: not a GradScaler state"),
+        m("wrong-shape-list", "guard.json", write_text_resealed("guard.json", "[]"), GUARD),
+        m("counts-negative", "guard.json", edit_json(
+            "guard.json", lambda t: t["counts"].update(steps_skipped=-1)), GUARD),
+        m("lr-scale-zero", "guard.json", edit_json("guard.json", lambda t: t.update(lr_scale=0.0)), GUARD),
+        m("window-count-short", "guard.json", edit_json(
+            "guard.json", lambda t: t["losses"].update(count=0)), GUARD),
+        m("nan", "guard.safetensors", _poison("guard", math.nan, lambda t: "losses/losses"), NONFINITE),
+        m("inf", "guard.safetensors", _poison("guard", math.inf, lambda t: "clip/var"), NONFINITE),
         m("garbage", "config.yaml", write_text_resealed("config.yaml", b"\x00\xff{{{ not yaml")),
         m("nested", "config.yaml", write_text_resealed("config.yaml", nested(100_000))),
         m("nested-in-required-value", "train_state.json",
