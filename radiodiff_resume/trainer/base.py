@@ -310,7 +310,8 @@ class Trainer:
         newest = self.checkpointer.newest()
         if newest is None or not guard.may_roll_back():
             last = f"the last good checkpoint is {newest}" if newest else "no checkpoint was committed yet"
-            self.events.emit("halted", stage=self.stage, step=step, reason=why, last_good=str(newest))
+            self.events.emit("halted", stage=self.stage, step=step, reason=why,
+                             last_good=str(newest) if newest else None)
             raise GuardHalt(
                 f"{self.stage} step {step}: {why}, and "
                 + (f"{guard.rollbacks_since_save} rollback(s) since the last checkpoint did not help"
@@ -318,6 +319,7 @@ class Trainer:
                 + f"; {last}. Look at {self.events.path} for what was skipped; lower trainer.lr, try "
                 "trainer.mixed_precision=bf16 or check the data, then run the same command to resume.")
         data, rank_state, carried = self.train_stream.state_dict(), self.rank_state_dict(), guard.carried()
+        consumed = self.state.samples_seen
         path = self.checkpointer.resume(mode="auto")
         guard.rolled_back(carried)
         skip = guard.cfg.rollback.skip_batches
@@ -326,6 +328,8 @@ class Trainer:
         else:
             for _ in range(skip):
                 next(self.train_stream)
+            consumed += skip * self.batch_size * self.accelerator.num_processes
+        self.state.samples_seen = consumed  # samples consumed, rolled back or not: never behind the data
         self.load_rank_state_dict(rank_state)
         self.apply_loop_settings()
         self.events.emit("rolled_back", stage=self.stage, step=step, to_step=self.state.step, path=str(path),
