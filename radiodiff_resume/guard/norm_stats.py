@@ -26,6 +26,8 @@ def stat_modules(module: nn.Module) -> list[tuple[str, nn.Module]]:
 def apply_stability_settings(module: nn.Module, momentum: float | None, eps: float | None) -> int:
     """Set BatchNorm ``momentum`` / ``eps`` where given; returns how many layers changed."""
     changed = 0
+    if momentum is None and eps is None:
+        return 0
     for _, m in stat_modules(module):
         if isinstance(m, nn.modules.batchnorm._NormBase):
             if momentum is not None:
