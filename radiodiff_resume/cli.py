@@ -13,6 +13,8 @@ import sys
 import typing as tp
 
 from radiodiff_resume.errors import HaltError, StopRequested, UserError
+from radiodiff_resume.slurm.environment import export_torch_env
+from radiodiff_resume.slurm.signals import STOP
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3
@@ -23,7 +25,7 @@ would meet the same problem, so a scheduler must not requeue it blindly."""
 
 
 def _is_main_process() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def setup_logging() -> None:
@@ -44,10 +46,35 @@ def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    STOP.install()  # first of all: a signal while torch imports or data is prepared is kept too
     from radiodiff_resume.config import load_config
     from radiodiff_resume.run import train
 
-    train(load_config(args.cfg, args.overrides))
+    cfg = load_config(args.cfg, args.overrides)
+    STOP.install(cfg.slurm.signals)
+    export_torch_env()
+    train(cfg)
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    from radiodiff_resume.config import load_config
+    from radiodiff_resume.slurm.submit import submit
+
+    cfg = load_config(args.cfg, args.overrides)
+    job = submit(cfg, local=args.local)
+    print(f"submitted job {job.job_id} ({'local' if args.local else 'SLURM'}); "
+          f"logs: {job.paths.stdout} and {job.paths.stderr}; results: {cfg.results_folder}", flush=True)
+    if args.local:
+        job.wait()
+        if not job.paths.result_pickle.exists():
+            raise UserError(f"local job {job.job_id} ended without finishing (see {job.paths.stderr}); "
+                            "run the same command to go on from its last checkpoint")
+        try:
+            job.result()
+        except Exception as exc:  # submitit re-raises the job's failure with its traceback text
+            raise UserError(f"local job {job.job_id} failed ({type(exc).__name__}); see {job.paths.stderr}") \
+                from None
+        print(f"job {job.job_id} finished", flush=True)
 
 
 def main(argv: tp.Sequence[str] | None = None) -> int:
@@ -56,6 +83,12 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     train_cmd = sub.add_parser("train", parents=[train_parser()], add_help=False,
                                help="train the first stage (if needed) and the LDM")
     train_cmd.set_defaults(func=cmd_train)
+    submit_cmd = sub.add_parser("submit", parents=[train_parser()], add_help=False,
+                                help="submit the training job to SLURM (submitit); it requeues itself "
+                                     "until done")
+    submit_cmd.add_argument("--local", action="store_true",
+                            help="run the same job here through submitit's local executor, and wait")
+    submit_cmd.set_defaults(func=cmd_submit)
     args = parser.parse_args(argv)
     return run_command(args.func, args)
 

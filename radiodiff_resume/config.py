@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import math
 import re
+import signal
 import typing as tp
 import warnings
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from radiodiff_resume.errors import ConfigError
+from radiodiff_resume.slurm.signals import signal_number
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -337,6 +339,39 @@ class GuardConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Stopping on signals, and the SLURM job ``radiodiff-resume submit`` asks for (submitit)."""
+
+    signals: list[str] = field(default_factory=lambda: ["SIGUSR1", "SIGUSR2", "SIGTERM"])
+    """Signals that stop the run at the next step boundary with a committed checkpoint (exit 3)."""
+    signal_lead_s: int = 120
+    """Seconds before the time limit Slurm sends the signal (``--signal=USR2@lead``); it must cover
+    one step (a validation, if one is due) plus one save."""
+    partition: str | None = None
+    nodes: int = 1
+    gpus_per_node: int = 0
+    """0 for CPU jobs."""
+    tasks_per_node: int | None = None
+    """null: one task per GPU (1 without GPUs). Each task is one training process."""
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    time_min: int = 60
+    """The job's time limit; the job requeues itself when it reaches it."""
+    max_num_timeout: int = 20
+    """Requeues on reaching the time limit before the job gives up (preemptions are not counted)."""
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    job_name: str = "radiodiff"
+    setup: list[str] = field(default_factory=list)
+    """Shell lines run before the job starts (``module load``, ``source venv/bin/activate``)."""
+    additional_parameters: dict[str, tp.Any] = field(default_factory=dict)
+    """Other sbatch options, e.g. ``{exclusive: true, mail_type: END}``."""
+    log_folder: str | None = None
+    """Where submitit keeps its job files and logs (null: ``<results_folder>/slurm``)."""
+
+
+@dataclass
 class Config:
     """Everything one run needs."""
 
@@ -345,6 +380,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
     @property
     def results_folder(self) -> Path:
@@ -580,6 +616,7 @@ def validate(cfg: Config) -> list[str]:
     need(0 <= ck.probe_tolerance < 1, "checkpoint.probe_tolerance", ck.probe_tolerance, "0 <= tol < 1")
 
     _check_guard(cfg.guard, need)
+    _check_slurm(cfg.slurm, need)
 
     d = cfg.data
     need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
@@ -627,6 +664,28 @@ def _check_guard(g: GuardConfig, need: tp.Callable[[bool, str, tp.Any, str], Non
          ">= 0, or null")
     need(0 < r.lr_scale <= 1, "guard.rollback.lr_scale", r.lr_scale, "0 < scale <= 1")
     need(r.max_rollbacks >= 0, "guard.rollback.max_rollbacks", r.max_rollbacks, ">= 0")
+
+
+def _check_slurm(c: SlurmConfig, need: tp.Callable[[bool, str, tp.Any, str], None]) -> None:
+    for name in c.signals:
+        try:
+            number = signal_number(str(name))
+        except (KeyError, ValueError):
+            number = None
+        need(number is not None and number not in (int(signal.SIGKILL), int(signal.SIGSTOP)),
+             "slurm.signals", name, "signal names that can be caught, e.g. SIGUSR1, SIGUSR2, SIGTERM")
+    need(c.signal_lead_s >= 0, "slurm.signal_lead_s", c.signal_lead_s, ">= 0")
+    need(c.nodes >= 1, "slurm.nodes", c.nodes, ">= 1")
+    need(c.gpus_per_node >= 0, "slurm.gpus_per_node", c.gpus_per_node, ">= 0")
+    for key in ("tasks_per_node", "cpus_per_task"):
+        v = getattr(c, key)
+        need(v is None or v >= 1, f"slurm.{key}", v, ">= 1, or null")
+    need(c.mem_gb is None or c.mem_gb > 0, "slurm.mem_gb", c.mem_gb, "> 0, or null")
+    need(c.time_min >= 1, "slurm.time_min", c.time_min, ">= 1")
+    need(c.signal_lead_s < c.time_min * 60, "slurm.signal_lead_s", c.signal_lead_s,
+         f"less than slurm.time_min ({c.time_min} min)")
+    need(c.max_num_timeout >= 0, "slurm.max_num_timeout", c.max_num_timeout, ">= 0")
+    need(bool(c.job_name), "slurm.job_name", c.job_name, "a name")
 
 
 def _import_problem(target: str) -> str | None:

@@ -23,7 +23,7 @@ from radiodiff_resume.build import (
     load_first_stage_weights,
 )
 from radiodiff_resume.config import Config, config_hash, resolved_mixed_precision, to_yaml
-from radiodiff_resume.errors import UserError
+from radiodiff_resume.errors import StopRequested, UserError
 from radiodiff_resume.io import write_text_atomic
 from radiodiff_resume.lock import LockHeld, RunLock
 from radiodiff_resume.models.autoencoder import AutoencoderWithLoss
@@ -86,6 +86,11 @@ def train(cfg: Config, accelerator: Accelerator | None = None) -> LatentDiffusio
     try:
         trainer = build_ldm_trainer(cfg, accelerator)
         trainer.fit()
+    except StopRequested:
+        lock.release()
+        accelerator.wait_for_everyone()  # every rank stopped at the same step, after the same save
+        accelerator.end_training()
+        raise
     finally:
         lock.release()
     # Tear the process group down together: a gloo rank that destroys its group while a peer is

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from radiodiff_resume.errors import DataError
+from radiodiff_resume.slurm.signals import STOP
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -104,6 +105,7 @@ class BatchStream:
                 self.dataset,
                 batch_sampler=_Batches(self.rank_batches(self.epoch, self.offset)),
                 num_workers=self.num_workers,
+                worker_init_fn=STOP.worker_init_fn(),
                 # DataLoader draws its worker base seed from this generator, not the global RNG.
                 generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch + self.rank),
             )

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import math
 import sys
+import time
 import typing as tp
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from radiodiff_resume.events import EventLog
 from radiodiff_resume.guard.policy import Guard, GuardHalt, StepOutcome
 from radiodiff_resume.guard.sanitize import finite_batch
 from radiodiff_resume.images import save_grid
+from radiodiff_resume.slurm.budget import StopBudget
+from radiodiff_resume.slurm.environment import job_id
+from radiodiff_resume.slurm.signals import STOP
 from radiodiff_resume.trainer.runlog import RunLog
 from radiodiff_resume.trainer.state import TrainState, capture_rng, derive_seed, restore_rng
 from radiodiff_resume.trainer.validation import ValidationResult, evaluate
@@ -120,10 +124,11 @@ class Trainer:
             module=self.unwrapped, params=self.params, max_grad_norm=loop.max_grad_norm,
             events=self.events, ranks=self.ranks, stage=self.stage,
         )
+        self.budget = StopBudget(self.stage, config.slurm.signal_lead_s if config is not None else None,
+                                 under_slurm=job_id() is not None)
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._loss_count = 0
         self._grad_norms: list[float] = []
-        self._stop_reason: str | None = None
         self._probe_inputs: dict[str, torch.Tensor] | None = None
         self._calibration: list[Batch] | None = None
 
@@ -191,8 +196,13 @@ class Trainer:
             mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )
         while self.state.step < total:
+            if self.stop_agreed():
+                bar.close()
+                self.stop()
+            started = time.perf_counter()
             outcome = self.train_step()
             if outcome.stepped:
+                self.budget.step(time.perf_counter() - started)
                 self.state.step += 1
                 bar.update(1)
                 self.after_step(outcome, bar)
@@ -200,9 +210,6 @@ class Trainer:
                 self.roll_back(f"{self.guard.consecutive_skips} optimizer steps skipped in a row")
                 bar.n = self.state.step
                 bar.refresh()
-            if self.stop_agreed():
-                bar.close()
-                self.stop()
         bar.close()
         while self.checkpointer.last_saved_step != self.state.step:
             self.save_checkpoint()
@@ -266,7 +273,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         """Check the state, then commit it; a state that fails the check is rolled back instead."""
         if self.check_state("before save"):
+            started = time.perf_counter()
             self.checkpointer.save()
+            self.budget.saved(time.perf_counter() - started)
             self.guard.saved()
 
     # ----- guards ------------------------------------------------------------------
@@ -341,25 +350,27 @@ class Trainer:
 
     # ----- stopping ----------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
-        """Ask the run to stop at the next step boundary (safe from a signal handler: sets a flag)."""
-        self._stop_reason = reason
+        """Ask the run to stop at the next step boundary (the process-wide flag signals set)."""
+        STOP.request(reason)
 
     def stop_agreed(self) -> bool:
         """Whether any rank asked to stop; every rank gets the same answer at the same step.
 
         The flag travels over a CPU (gloo) group, so this never syncs the GPU stream.
         """
-        return self.ranks.any(self._stop_reason is not None)
+        return self.ranks.any(STOP.reason is not None)
 
     def stop(self) -> tp.NoReturn:
-        """Save (all ranks together) and raise :class:`StopRequested`."""
-        if self.checkpointer.last_saved_step != self.state.step:
+        """Save (all ranks together, unless nothing was trained yet), clear the flag and raise
+        :class:`StopRequested`."""
+        reason, step = STOP.reason or "another rank", self.state.step
+        if step > 0 and self.checkpointer.last_saved_step != step:
             self.save_checkpoint()
-        step = self.state.step
-        self.events.emit("stopped", stage=self.stage, step=step, reason=self._stop_reason or "another rank")
-        logger.warning("%s: stop requested (%s); checkpoint of step %d committed",
-                       self.stage, self._stop_reason or "by another rank", step)
-        raise StopRequested(f"{self.stage} stopped at step {step} ({self._stop_reason or 'another rank'})")
+        STOP.clear()
+        self.events.emit("stopped", stage=self.stage, step=step, reason=reason)
+        saved = f"checkpoint of step {step} committed" if step else "nothing trained yet, nothing to save"
+        logger.warning("%s: stop requested (%s); %s", self.stage, reason, saved)
+        raise StopRequested(f"{self.stage} stopped at step {step} ({reason})")
 
     def to_device(self, batch: Batch) -> Batch:
         return {
@@ -374,7 +385,8 @@ class Trainer:
         n = len(self.val_set)  # type: ignore[arg-type]
         indices = list(range(rank, n, world))[: self.loop.val_batches * self.batch_size]
         loader = DataLoader(Subset(self.val_set, indices), batch_size=self.batch_size,
-                            num_workers=self.num_workers, generator=torch.Generator().manual_seed(0))
+                            num_workers=self.num_workers, worker_init_fn=STOP.worker_init_fn(),
+                            generator=torch.Generator().manual_seed(0))
         return [self.to_device(b) for b in loader]
 
     def validate_and_sample(self) -> ValidationResult | None:

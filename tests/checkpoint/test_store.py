@@ -170,8 +170,14 @@ def test_stop_request_saves_the_current_step_and_raises(
     cfg = make_cfg("trainer.train_num_steps=6", *FAST, results=tmp_path / "s")
     write_random_first_stage(cfg)
     trainer = build(cfg)
-    trainer.request_stop("test")
+    after_step = trainer.after_step
 
+    def stop_after_first(outcome: tp.Any, bar: tp.Any) -> None:
+        after_step(outcome, bar)
+        if trainer.state.step == 1:
+            trainer.request_stop("test")
+
+    trainer.after_step = stop_after_first  # type: ignore[method-assign]
     with pytest.raises(StopRequested, match=r"stopped at step 1 \(test\)"):
         trainer.fit()
 

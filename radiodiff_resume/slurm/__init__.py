@@ -1,0 +1,1 @@
+"""Stopping on signals, SLURM's side of a run (distributed environment, requeue) and submitit jobs."""

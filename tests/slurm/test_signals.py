@@ -1,0 +1,74 @@
+"""The stop flag with real signals: handlers only record, DataLoader workers ignore them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import typing as tp
+
+import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from radiodiff_resume.slurm.signals import DEFAULT_SIGNALS, StopFlag, signal_number
+
+
+@pytest.fixture
+def flag() -> tp.Iterator[StopFlag]:
+    f = StopFlag()
+    yield f
+    f.uninstall()
+
+
+def test_signal_names() -> None:
+    assert signal_number("SIGUSR1") == signal_number("usr1") == signal_number(str(int(signal.SIGUSR1)))
+    with pytest.raises(KeyError):
+        signal_number("SIGNOPE")
+
+
+@pytest.mark.parametrize("name", DEFAULT_SIGNALS)
+def test_a_real_signal_only_sets_the_flag(flag: StopFlag, name: str) -> None:
+    flag.install()
+    os.kill(os.getpid(), signal_number(name))
+    assert flag.reason == name
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert flag.reason == name, "the first stop's reason is kept"
+    flag.clear()
+    assert flag.reason is None
+
+
+def test_only_configured_signals_are_caught_and_uninstall_gives_them_back(flag: StopFlag) -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    flag.install(["SIGUSR2"])
+    assert signal.getsignal(signal.SIGUSR1) is before
+    flag.install(["SIGUSR1"])  # a second install replaces the first set
+    assert signal.getsignal(signal.SIGUSR2) is not flag._handle
+    assert flag.signals == (int(signal.SIGUSR1),)
+    flag.uninstall()
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+class SignalsItself(Dataset):
+    """Each item sends SIGUSR1 to the worker process that loads it, then says how it is handled."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        return torch.tensor([os.getpid(), int(signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN)])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_dataloader_workers_ignore_the_stop_signals(flag: StopFlag, context: str) -> None:
+    flag.install()
+    loader = DataLoader(SignalsItself(), batch_size=2, num_workers=1, worker_init_fn=flag.worker_init_fn(),
+                        multiprocessing_context=context)
+    rows = torch.cat(list(loader))
+    assert rows[:, 0].ne(os.getpid()).all(), "items were loaded in a worker"
+    assert rows[:, 1].eq(1).all(), "the worker ignores SIGUSR1 (it survived sending it to itself)"
+    assert flag.reason is None, "the trainer's flag is untouched by a signal its worker got"
+
+
+def test_without_installed_signals_workers_keep_their_handlers(flag: StopFlag) -> None:
+    assert flag.worker_init_fn() is None
