@@ -129,4 +129,7 @@ def submit(cfg: Config, local: bool = False) -> tp.Any:
     cfg.results_folder.mkdir(parents=True, exist_ok=True)
     executor = make_executor(cfg, local)
     job = executor.submit(TrainJob(to_dict(cfg), os.getcwd()))
+    template = log_folder(cfg) / "%j"  # submitit creates its folder pattern literally too
+    if template.is_dir() and not any(template.iterdir()):
+        template.rmdir()
     return job
