@@ -53,7 +53,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     cfg = load_config(args.cfg, args.overrides)
     STOP.install(cfg.slurm.signals)
     export_torch_env()
-    train(cfg)
+    try:
+        train(cfg)
+    finally:
+        STOP.ignore()
 
 
 def cmd_submit(args: argparse.Namespace) -> None:

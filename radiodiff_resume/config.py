@@ -255,6 +255,9 @@ class CheckpointConfig:
     dtype, flags) differs from the one that saved; identical environments must match bit for bit."""
     accept_probe_mismatch: bool = False
     """Resume even when the probe does not reproduce (after a deliberate code change); logged."""
+    crash_loop_restarts: int | None = 3
+    """Under SLURM: a checkpoint from which this many runs in a row died before their next save is
+    set aside (moved, not deleted) and the next older one used (null: never)."""
 
 
 @dataclass
@@ -614,6 +617,8 @@ def validate(cfg: Config) -> list[str]:
          ">= 2 (the newest may be the one being written when a job dies)")
     need(ck.keep_every is None or ck.keep_every >= 1, "checkpoint.keep_every", ck.keep_every, ">= 1, or null")
     need(0 <= ck.probe_tolerance < 1, "checkpoint.probe_tolerance", ck.probe_tolerance, "0 <= tol < 1")
+    need(ck.crash_loop_restarts is None or ck.crash_loop_restarts >= 1, "checkpoint.crash_loop_restarts",
+         ck.crash_loop_restarts, ">= 1, or null")
 
     _check_guard(cfg.guard, need)
     _check_slurm(cfg.slurm, need)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import typing as tp
 import uuid
 from pathlib import Path
@@ -36,7 +37,8 @@ from radiodiff_resume.checkpoint.manifest import (
     record_of,
 )
 from radiodiff_resume.checkpoint.protocol import Checkpointable
-from radiodiff_resume.checkpoint.store import REASON_SUFFIX, CheckpointStore, rank_component
+from radiodiff_resume.checkpoint.restarts import RestartLedger
+from radiodiff_resume.checkpoint.store import CRASH_LOOP, REASON_SUFFIX, CheckpointStore, rank_component
 from radiodiff_resume.checkpoint.verify import (
     CONFIG_FILE,
     Checkpoint,
@@ -65,6 +67,11 @@ class Checkpointer:
         self.store = CheckpointStore(
             trainer.results_folder / "checkpoints", ranks, cfg.keep_last, cfg.keep_every)
         self.every = cfg.every or trainer.loop.save_and_sample_every
+        self.restarts = RestartLedger(trainer.results_folder)
+        self.crash_limit = cfg.crash_loop_restarts if os.environ.get("SLURM_JOB_ID") else None
+        """Runs in a row that may die after resuming from one checkpoint before it is set aside
+        (SLURM jobs only, where the runs are counted: an unattended requeue loop is what needs
+        the brake)."""
         self.last_saved_step: int | None = None
         self.resumed_from: Path | None = None
         self.verified: Report | None = None
@@ -106,9 +113,15 @@ class Checkpointer:
 
         path = self.store.save(step, shared_files, own_files, manifest)
         self.last_saved_step = step
+        self.ended_cleanly()  # progress: no checkpoint is suspect any more
         self.events.emit("checkpoint_saved", stage=t.stage, step=step, path=str(path))
         logger.info("%s step %d: checkpoint committed to %s", t.stage, step, path)
         return path
+
+    def ended_cleanly(self) -> None:
+        """A commit, a stop or the end of training: clear the crash-loop counts (rank 0)."""
+        if self.ranks.is_main:
+            self.restarts.clear()
 
     def _refusal_to_save(self, shared: dict[str, tp.Any]) -> str | None:
         t = self.trainer
@@ -150,14 +163,15 @@ class Checkpointer:
         committed = self.store.committed() if self.ranks.is_main else []
         return self.ranks.broadcast(committed[0] if committed else None)
 
-    def resume(self, mode: str | None = None) -> Path | None:
+    def resume(self, mode: str | None = None, rollback: bool = False) -> Path | None:
         """Restore the newest verified checkpoint (or the one named; ``mode`` overrides
-        ``checkpoint.resume``); None when starting fresh."""
+        ``checkpoint.resume``); None when starting fresh. A ``rollback`` within a live run is not
+        a restart: the crash-loop counts leave it alone."""
         t = self.trainer
         chosen, failure, message = None, None, None
         if self.ranks.is_main:
             try:
-                chosen = self._choose(mode or self.cfg.resume)
+                chosen = self._choose(mode or self.cfg.resume, count=not rollback)
             except Exception as exc:  # re-raised below on this rank; every other rank learns of it
                 failure = exc
                 message = str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {exc!r}"
@@ -222,7 +236,7 @@ class Checkpointer:
                 "resume is exact in data but not bit-exact in noise", t.stage, why)
             self.events.emit("resharded", stage=t.stage, step=ckpt.manifest.step, reason=why)
 
-    def _choose(self, mode: str) -> Checkpoint | None:
+    def _choose(self, mode: str, count: bool = True) -> Checkpoint | None:
         t = self.trainer
         leftovers = self.store.remove_leftovers()
         if leftovers:
@@ -241,6 +255,17 @@ class Checkpointer:
         if mode != "auto":
             return self._choose_named(Path(mode).expanduser(), mode)
         candidates = self.store.candidates()
+        if count:
+            candidates = self._past_crash_loops(candidates)
+        if not candidates and self.store.crash_looped():
+            raise UserError(
+                f"{t.stage}: every checkpoint of {self.store.folder} was set aside because runs kept "
+                "dying after resuming from it, before their next save: "
+                f"{', '.join(str(p) for p in self.store.crash_looped())} (each with SET_ASIDE.txt). Not "
+                "requeueing again and refusing to start from scratch: look at those runs' logs; pass "
+                "checkpoint.resume=<one of those folders>/<step-…> to try one again, or "
+                "checkpoint.resume=never to start fresh deliberately."
+            )
         if not candidates and self.store.quarantined():
             raise UserError(
                 f"{t.stage}: {self.store.folder} holds no checkpoint, only quarantined ones in "
@@ -256,6 +281,11 @@ class Checkpointer:
         for path in candidates:
             report = self.verify_and_load(path)
             if report.ok:
+                if count and self.crash_limit is not None:
+                    runs = self.restarts.started(path.name)
+                    if runs > 1:
+                        logger.warning("%s: run %d in a row resuming from %s (set aside after %d)",
+                                       t.stage, runs, path.name, self.crash_limit)
                 return self._accept(report)
             if not report.damaged:
                 raise self._refusal(report, "checkpoint.resume=auto")
@@ -271,6 +301,25 @@ class Checkpointer:
             f"their reasons (*{REASON_SUFFIX}). Refusing to start from scratch: repair one and pass "
             "checkpoint.resume=<its folder>, or pass checkpoint.resume=never to start fresh deliberately."
         )
+
+    def _past_crash_loops(self, candidates: list[Path]) -> list[Path]:
+        """``candidates`` less those runs kept dying from: each is set aside, unchanged, with its reason."""
+        if self.crash_limit is None:
+            return candidates
+        kept = []
+        for path in candidates:
+            runs = self.restarts.count(path.name)
+            if runs < self.crash_limit:
+                kept.append(path)
+                continue
+            reason = (f"crash loop: {runs} runs in a row resumed from {path.name} and died before their next "
+                      f"save (checkpoint.crash_loop_restarts={self.crash_limit}); the checkpoint itself "
+                      "verified. Pass checkpoint.resume=<this folder>/" + path.name + " to try it again.")
+            moved = self.store.set_aside([path], reason, prefix=CRASH_LOOP)
+            self.events.emit("checkpoint_set_aside", stage=self.trainer.stage, path=str(path), to=str(moved),
+                             reason=reason)
+            logger.error("%s: %s set aside to %s: %s", self.trainer.stage, path.name, moved, reason)
+        return kept
 
     def _choose_named(self, path: Path, mode: str) -> Checkpoint:
         """``checkpoint.resume=<folder>``: exactly that one; newer ones (and other lines) are set aside."""

@@ -41,6 +41,7 @@ from radiodiff_resume.io import fsync_dir
 logger = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine"
+CRASH_LOOP = "crash-loop"
 REASON_SUFFIX = ".reason.txt"
 LEFTOVER_PREFIXES = (".staging-", ".replaced-", ".retired-")
 
@@ -118,12 +119,16 @@ class CheckpointStore:
             fsync_dir(self.folder)
         return handled
 
-    def set_aside(self, paths: tp.Sequence[Path], reason: str) -> Path:
-        """Move ``paths`` unchanged into ``previous-<time>/`` with a note saying why (nothing is deleted)."""
-        target = self.folder / f"previous-{stamp()}"
+    def crash_looped(self) -> list[Path]:
+        """Folders of checkpoints set aside because runs kept dying after resuming from them."""
+        return sorted(p for p in self.folder.glob(f"{CRASH_LOOP}-*") if p.is_dir())
+
+    def set_aside(self, paths: tp.Sequence[Path], reason: str, prefix: str = "previous") -> Path:
+        """Move ``paths`` unchanged into ``<prefix>-<time>/`` with a note saying why (nothing is deleted)."""
+        target = self.folder / f"{prefix}-{stamp()}"
         suffix = 1
         while target.exists():
-            target = self.folder / f"previous-{stamp()}-{suffix}"
+            target = self.folder / f"{prefix}-{stamp()}-{suffix}"
             suffix += 1
         target.mkdir()
         (target / "SET_ASIDE.txt").write_text(reason + "\n")

@@ -61,6 +61,13 @@ class StopFlag:
     def clear(self) -> None:
         self.reason = None
 
+    def ignore(self) -> None:
+        """Once the work is over: ignore the stop signals. Python gives a signal with a Python
+        handler back its default action while the interpreter shuts down, and the default
+        action of USR1/USR2/TERM is to die — a late signal would turn a clean exit into 138."""
+        for number in self._previous:
+            signal.signal(number, signal.SIG_IGN)
+
     def worker_init_fn(self) -> tp.Callable[[int], None] | None:
         """For DataLoaders: workers ignore the stop signals (a signal sent to the whole process
         group must reach the trainer, not kill a worker or set a flag in a copy of it)."""

@@ -67,6 +67,8 @@ class TrainJob:
             if env.global_rank == 0:
                 self.requeue(cfg, env)
             sys.exit(EXIT_STOPPED)  # SystemExit: submitit writes no result, the job is not over
+        finally:
+            STOP.ignore()
 
     def checkpoint(self, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
         """A fresh submission of the same config (no state: the next run discovers it)."""

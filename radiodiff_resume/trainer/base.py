@@ -213,6 +213,7 @@ class Trainer:
         bar.close()
         while self.checkpointer.last_saved_step != self.state.step:
             self.save_checkpoint()
+        self.checkpointer.ended_cleanly()
         self.sync_buffers()
         self.on_fit_end()
         self.log.plot(self.results_folder / "curves.png")
@@ -329,7 +330,7 @@ class Trainer:
                 "trainer.mixed_precision=bf16 or check the data, then run the same command to resume.")
         data, rank_state, carried = self.train_stream.state_dict(), self.rank_state_dict(), guard.carried()
         consumed = self.state.samples_seen
-        path = self.checkpointer.resume(mode="auto")
+        path = self.checkpointer.resume(mode="auto", rollback=True)
         guard.rolled_back(carried)
         skip = guard.cfg.rollback.skip_batches
         if skip is None:
@@ -366,6 +367,7 @@ class Trainer:
         reason, step = STOP.reason or "another rank", self.state.step
         if step > 0 and self.checkpointer.last_saved_step != step:
             self.save_checkpoint()
+        self.checkpointer.ended_cleanly()
         STOP.clear()
         self.events.emit("stopped", stage=self.stage, step=step, reason=reason)
         saved = f"checkpoint of step {step} committed" if step else "nothing trained yet, nothing to save"

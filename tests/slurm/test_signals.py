@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import typing as tp
 
 import pytest
@@ -72,3 +74,23 @@ def test_dataloader_workers_ignore_the_stop_signals(flag: StopFlag, context: str
 
 def test_without_installed_signals_workers_keep_their_handlers(flag: StopFlag) -> None:
     assert flag.worker_init_fn() is None
+
+
+def test_after_the_work_a_late_signal_is_ignored_not_fatal() -> None:
+    """Python restores a Python-handled signal's default action (death, for USR1) during
+    interpreter shutdown; after ``ignore()`` a signal then changes nothing (exit status 0)."""
+    code = (
+        "import os, signal, sys\n"
+        "from radiodiff_resume.slurm.signals import STOP\n"
+        "STOP.install()\n"
+        "if sys.argv[1] == 'ignore':\n"
+        "    STOP.ignore()\n"
+        "class Late:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGUSR1)\n"
+        "late = Late()\n"
+    )
+    ignored = subprocess.run([sys.executable, "-c", code, "ignore"], capture_output=True, text=True)
+    assert ignored.returncode == 0, ignored.stderr
+    handled = subprocess.run([sys.executable, "-c", code, "keep"], capture_output=True, text=True)
+    assert handled.returncode == -signal.SIGUSR1, "without ignore() the late signal kills the exit"
