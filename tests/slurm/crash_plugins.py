@@ -33,5 +33,6 @@ class DiesAfterResumeUNet(UNet2DModel):
         if self.training:
             if self.loaded and int(self.trained_forwards) >= self.die_from:
                 os.kill(os.getpid(), signal.SIGKILL)
+            self.loaded = False  # only the first training forward after a load can die
             self.trained_forwards += 1
         return super().forward(*args, **kwargs)
