@@ -25,5 +25,9 @@ class StopRequested(Exception):
     """A stop was requested (signal, operator); a checkpoint was committed first.
 
     Not an error: the CLI exits with :data:`radiodiff_resume.cli.EXIT_STOPPED` and the
-    same command resumes from that checkpoint.
+    same command resumes from that checkpoint. ``reason`` is what asked first (a signal's name).
     """
+
+    def __init__(self, message: str, reason: str = "requested") -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -34,6 +34,11 @@ logger = logging.getLogger(__name__)
 
 LEDGER = "requeues.json"
 """In the job's own log folder: how often the job was requeued, and why (time limit or not)."""
+REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
+"""Stops that requeue the job: the ``--signal`` ahead of a time limit or a preemption, or an
+operator's ``scancel --signal=USR2``. SIGTERM is what ``scancel`` sends to cancel a job: a stop
+it caused commits its checkpoint but leaves the job cancelled (measured on the local cluster:
+a requeue from the TERM handler silently undoes the cancel)."""
 EARLY_SIGNAL_S = 90
 """Slurm may send the ``--signal`` up to 60 s before the lead it was asked for: a stop this close
 to the lead counts as a time limit."""
@@ -65,7 +70,12 @@ class TrainJob:
         except StopRequested as exc:
             logger.warning("%s", exc)
             if env.global_rank == 0:
-                self.requeue(cfg, env)
+                if exc.reason in REQUEUE_SIGNALS:
+                    self.requeue(cfg, env)
+                else:
+                    logger.warning("not requeued: %s ends a job (scancel, or a time limit the earlier "
+                                   "signal did not announce); the checkpoint is committed: submit the same "
+                                   "command to go on", exc.reason)
             sys.exit(EXIT_STOPPED)  # SystemExit: submitit writes no result, the job is not over
         finally:
             STOP.ignore()

@@ -372,7 +372,7 @@ class Trainer:
         self.events.emit("stopped", stage=self.stage, step=step, reason=reason)
         saved = f"checkpoint of step {step} committed" if step else "nothing trained yet, nothing to save"
         logger.warning("%s: stop requested (%s); %s", self.stage, reason, saved)
-        raise StopRequested(f"{self.stage} stopped at step {step} ({reason})")
+        raise StopRequested(f"{self.stage} stopped at step {step} ({reason})", reason)
 
     def to_device(self, batch: Batch) -> Batch:
         return {

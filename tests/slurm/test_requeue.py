@@ -296,3 +296,29 @@ def test_two_process_job_saves_on_every_rank_requeues_and_matches(
     assert all(e["step"] in saved for e in stopped if e["step"] > 0), "each stop committed, every rank"
     assert all((results / "slurm" / job / f"{job}_{r}_log.err").exists() for r in range(2)), "two tasks ran"
     assert_bit_identical(straight_two, final_tensors(results))
+
+
+def test_scancel_commits_a_checkpoint_but_leaves_the_job_cancelled(
+    slurm_env: dict[str, str], shared: tuple[Path, Path], straight: Weights, synth_cache: Path
+) -> None:
+    """``scancel`` sends SIGTERM: the run stops at the next step with a committed checkpoint but does
+    not requeue itself (that would undo the cancel); submitting again goes on from there."""
+    folder, ae = shared
+    cfg = write_config(folder, synth_cache, "cancelled", ae, time_min=20)
+    results = folder / "cancelled"
+    job = submit(cfg, job_env(slurm_env))
+    wait_until(lambda: committed(results, 2 * EVERY), job, slurm_env)
+    subprocess.run(["scancel", job], env=slurm_env, check=True, timeout=60)
+
+    info = wait_for(job, {"CANCELLED"}, timeout=120, env=slurm_env)
+    time.sleep(15)  # a requeue would show by now (about 11 s on this cluster)
+    info = job_info(job, slurm_env)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
+    [stopped] = [e for e in events(results) if e["event"] == "stopped"]
+    assert stopped["reason"] == "SIGTERM" and committed(results, stopped["step"])
+    assert "not requeued: SIGTERM ends a job" in (results / "slurm" / job / f"{job}_0_log.err").read_text()
+
+    again = submit(cfg, job_env(slurm_env))
+    wait_for(again, {"COMPLETED"}, timeout=600, env=slurm_env)
+    assert_nothing_lost(results, stops=1, reason="SIGTERM")
+    assert_bit_identical(straight, final_tensors(results))
