@@ -37,7 +37,7 @@ from pathlib import Path
 import accelerate
 import diffusers
 import torch
-from results import write_section
+from results import cpu_model, write_section
 
 import radiodiff_resume.guard.policy as policy_mod
 from radiodiff_resume.build import write_untrained_first_stage
@@ -632,7 +632,7 @@ def write_results(path: Path, results: list[SizeResult], args: argparse.Namespac
         "ratio between variants measured side by side in the same invocation.",
         "",
         f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {_cpu_model()}, {os.cpu_count()} CPU cores, torch threads "
+        f"- machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} CPU cores, torch threads "
         f"{torch.get_num_threads()}, device {device}"
         + (f" ({gpu})" if gpu else " (no GPU on this machine: the GPU aim is not measured here)"),
         f"- 1-minute load average: {args.load_before:.2f} at the start, {args.load_after:.2f} at the end "
@@ -673,15 +673,6 @@ def _malloc_settings() -> str:
         return "glibc malloc defaults (no `MALLOC_*`, `GLIBC_TUNABLES` or `LD_PRELOAD` set)"
     return ", ".join(f"`{k}={v}`" for k, v in sorted(env.items()))
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,7 +40,7 @@ import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from results import write_section
+from results import cpu_model, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "radio_tiny.yaml"
@@ -814,7 +814,7 @@ def write_results(path: Path, results: list[SideResult], args: argparse.Namespac
         "with the same config and the same seeded preemption steps.",
         "",
         f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
-        f"- machine: {platform.platform()}, {_cpu_model()}, {os.cpu_count()} CPU cores; cluster: "
+        f"- machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} CPU cores; cluster: "
         f"{meta['nodes']} (nodes are network namespaces of this one machine, sharing its cores and disk)",
         f"- 1-minute load average: {args.load_before:.2f} at the start (after waiting {meta['waited']:.0f} s "
         "for an empty queue), "
@@ -867,15 +867,6 @@ def write_results(path: Path, results: list[SideResult], args: argparse.Namespac
     ]
     write_section(path, SECTION, "\n".join(head + body))
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 # ----- main ----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ section of ``LEGACY_OWNER``. Markers that do not pair up are an error, never gue
 from __future__ import annotations
 
 import os
+import platform
 import re
 import tempfile
 from pathlib import Path
@@ -113,3 +114,14 @@ def write_section(path: Path, name: str, body: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cpu_model() -> str:
+    """The CPU's model name, for the machine line of each section."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
