@@ -1,4 +1,5 @@
-"""Command line: ``radiodiff-resume train --cfg configs/x.yaml [key=value ...]``.
+"""Command line: ``radiodiff-resume train --cfg configs/x.yaml [key=value ...]``, ``submit``, and the
+operator tools ``dry-run``, ``doctor``, ``import`` and ``report`` (``radiodiff_resume.tools``).
 
 User errors (bad config, missing files) print one message and exit 2, no traceback; a run
 that halted to protect its state exits 4; a requested stop (checkpoint committed) exits 3.
@@ -15,6 +16,7 @@ import typing as tp
 from radiodiff_resume.errors import HaltError, StopRequested, UserError
 from radiodiff_resume.slurm.environment import export_torch_env
 from radiodiff_resume.slurm.signals import STOP
+from radiodiff_resume.tools import doctor, dry_run, importer, report
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3
@@ -24,13 +26,13 @@ EXIT_HALTED = 4
 would meet the same problem, so a scheduler must not requeue it blindly."""
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
 
 
 def setup_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO if _is_main_process() else logging.WARNING,
+        level=logging.INFO if is_main_process() else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
@@ -92,28 +94,33 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     submit_cmd.add_argument("--local", action="store_true",
                             help="run the same job here through submitit's local executor, and wait")
     submit_cmd.set_defaults(func=cmd_submit)
+    importer.register(sub)
+    dry_run.register(sub)
+    doctor.register(sub)
+    report.register(sub)
     args = parser.parse_args(argv)
     return run_command(args.func, args)
 
 
-def run_command(func: tp.Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    """Run a sub-command; a :class:`UserError` becomes one message and exit code 2."""
+def run_command(func: tp.Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
+    """Run a sub-command (its own exit status, 0 when it returns None); a :class:`UserError` becomes
+    one message and exit code 2."""
     setup_logging()
     try:
-        func(args)
+        status = func(args)
     except HaltError as exc:
-        if _is_main_process():
+        if is_main_process():
             print(f"halted: {exc}", file=sys.stderr)
         return EXIT_HALTED
     except UserError as exc:
-        if _is_main_process():
+        if is_main_process():
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except StopRequested as exc:
-        if _is_main_process():
+        if is_main_process():
             print(f"stopped: {exc}; run the same command to resume", file=sys.stderr)
         return EXIT_STOPPED
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -252,6 +252,24 @@ class RunLock:
     def held(self) -> bool:
         return self._record is not None
 
+    def live_holder(self) -> str | None:
+        """Who holds the lock now ('<host> pid <pid> ...'), or None; takes nothing and writes nothing
+        (a shared ``flock`` probe on a read-only descriptor; None where the filesystem has no flock)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            rec = _parse_record(os.pread(fd, _RECORD_MAX, 0))
+            return _describe(rec) if rec is not None else "a process that has not written its record yet"
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # also drops the shared probe lock
+        return None
+
     def acquire(self) -> str | None:
         """Take the lock; create the folder if needed.
 

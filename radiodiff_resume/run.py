@@ -115,12 +115,18 @@ def build_ldm_trainer(cfg: Config, accelerator: Accelerator) -> LatentDiffusionT
         accelerator.init_trackers("radiodiff_resume", config={"config_hash": config_hash(cfg)})
     train_set, val_set = load_data(cfg, accelerator)
     first_stage = ready_first_stage(cfg, accelerator, train_set, val_set)
+    return ldm_trainer(cfg, accelerator, first_stage, train_set, val_set)
+
+
+def ldm_trainer(cfg: Config, accelerator: Accelerator, first_stage: nn.Module, train_set: Dataset,
+                val_set: Dataset, read_only: bool = False) -> LatentDiffusionTrainer:
+    """The LDM trainer over a loaded first stage (``read_only``: the dry-run's, which writes nothing)."""
     set_seed(cfg.trainer.seed)  # LDM init independent of whether stage 1 just ran
     return LatentDiffusionTrainer(
         cfg.trainer, build_ldm(cfg, first_stage), train_set, val_set,
-        accelerator=accelerator, results_folder=results, seed=cfg.trainer.seed,
+        accelerator=accelerator, results_folder=cfg.results_folder, seed=cfg.trainer.seed,
         batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
-        checkpoint=cfg.checkpoint, config=cfg,
+        checkpoint=cfg.checkpoint, config=cfg, read_only=read_only,
         scale_by_std=cfg.model.scale_by_std, configured_scale_factor=cfg.model.scale_factor,
     )
 
@@ -156,17 +162,23 @@ def ready_first_stage(
             "first stage: %s is missing and model.first_stage.train_if_missing=true: "
             "training the first stage now", ckpt,
         )
-        model = AutoencoderWithLoss(build_first_stage(cfg), fs.loss, cfg.data.image_size)
-        trainer = AutoencoderTrainer(
-            fs.trainer, model, train_set, val_set,
-            accelerator=accelerator, results_folder=cfg.first_stage_folder(),
-            seed=cfg.trainer.seed, batch_size=fs.batch_size or cfg.data.batch_size,
-            num_workers=cfg.data.num_workers, export_path=ckpt,
-            checkpoint=cfg.checkpoint, config=cfg,
-        )
-        trainer.fit()
+        first_stage_trainer(cfg, accelerator, train_set, val_set).fit()
         accelerator.free_memory()
     logger.info("first stage: loading %s", ckpt)
     first_stage = build_first_stage(cfg)
     load_first_stage_weights(first_stage, ckpt)
     return first_stage
+
+
+def first_stage_trainer(cfg: Config, accelerator: Accelerator, train_set: Dataset, val_set: Dataset,
+                        read_only: bool = False) -> AutoencoderTrainer:
+    """The trainer of the first stage, which exports its weights to ``model.first_stage.ckpt_path``."""
+    fs = cfg.model.first_stage
+    model = AutoencoderWithLoss(build_first_stage(cfg), fs.loss, cfg.data.image_size)
+    return AutoencoderTrainer(
+        fs.trainer, model, train_set, val_set,
+        accelerator=accelerator, results_folder=cfg.first_stage_folder(),
+        seed=cfg.trainer.seed, batch_size=fs.batch_size or cfg.data.batch_size,
+        num_workers=cfg.data.num_workers, export_path=Path(tp.cast(str, fs.ckpt_path)),
+        checkpoint=cfg.checkpoint, config=cfg, read_only=read_only,
+    )

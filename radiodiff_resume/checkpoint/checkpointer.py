@@ -12,6 +12,7 @@ then loads it, hash-checking its own reads, and all ranks agree on success.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 import os
 import typing as tp
@@ -24,6 +25,7 @@ import yaml
 from radiodiff_resume.checkpoint.environment import differences, fingerprint, library_versions
 from radiodiff_resume.checkpoint.files import (
     CheckpointCorrupt,
+    read_manifest,
     write_component,
     write_components,
     write_durable,
@@ -59,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, trainer: Checkpointable, cfg: CheckpointConfig, events: EventLog,
-                 ranks: Ranks) -> None:
+                 ranks: Ranks, read_only: bool = False) -> None:
         self.trainer = trainer
         self.cfg = cfg
         self.events = events
@@ -75,6 +77,14 @@ class Checkpointer:
         self.last_saved_step: int | None = None
         self.resumed_from: Path | None = None
         self.verified: Report | None = None
+        self.read_only = read_only
+        """Resume as usual but move, delete and count nothing: what would have been done is listed in
+        ``would``, and the reports of checkpoints found damaged or refused in ``rejected`` (rank 0;
+        the dry-run)."""
+        self.would: list[str] = []
+        self.branch: str | None = None
+        """The line of a run resumed from a checkpoint named by ``checkpoint.resume`` (rank 0)."""
+        self.rejected: list[Report] = []
 
     @property
     def line(self) -> str | None:
@@ -84,8 +94,9 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.trainer.loop.train_num_steps
 
-    def save(self) -> Path:
-        """Commit a checkpoint of the current step on every rank, or refuse poisoned state (all ranks)."""
+    def save(self, provenance: tp.Sequence[str] = ()) -> Path:
+        """Commit a checkpoint of the current step on every rank, or refuse poisoned state (all ranks).
+        ``provenance`` says how the state came to be, when not by training alone (an import)."""
         t = self.trainer
         step = t.state.step
         t.sync_buffers()
@@ -97,7 +108,7 @@ class Checkpointer:
             refusal = self._refusal_to_save(shared)
             if refusal is None:
                 probe_inputs = t.probe_inputs()
-                manifest, refusal = self._manifest(step, probe_inputs)
+                manifest, refusal = self._manifest(step, probe_inputs, provenance)
         refusal = self.ranks.broadcast(refusal)
         if refusal is not None:
             raise HaltError(refusal)
@@ -139,7 +150,7 @@ class Checkpointer:
         )
 
     def _manifest(
-        self, step: int, probe_inputs: dict[str, torch.Tensor]
+        self, step: int, probe_inputs: dict[str, torch.Tensor], provenance: tp.Sequence[str]
     ) -> tuple[Manifest | None, str | None]:
         t = self.trainer
         value = float(t.probe_value(probe_inputs))
@@ -153,7 +164,7 @@ class Checkpointer:
             step=step, stage=t.stage, world_size=self.ranks.world, line=tp.cast(str, self.store.line),
             config_hash=t.config_hash, scale_factor=t.scale_factor_value(), probe=probe,
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            versions=library_versions(),
+            versions=library_versions(), provenance=list(provenance),
         )
         return manifest, None
 
@@ -169,13 +180,16 @@ class Checkpointer:
         a restart: the crash-loop counts leave it alone."""
         t = self.trainer
         chosen, failure, message = None, None, None
+        self.branch = None
         if self.ranks.is_main:
             try:
                 chosen = self._choose(mode or self.cfg.resume, count=not rollback)
             except Exception as exc:  # re-raised below on this rank; every other rank learns of it
                 failure = exc
                 message = str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {exc!r}"
-        line = uuid.uuid4().hex if chosen is None else chosen.manifest.line
+        line = uuid.uuid4().hex if chosen is None else self.branch or chosen.manifest.line
+        if rollback and self.store.line is not None:
+            line = self.store.line  # the same run goes on: its checkpoints stay one line
         path, line, records, message = self.ranks.broadcast(
             (chosen and str(chosen.path), line, chosen and chosen.manifest.files, message))
         if failure is not None:
@@ -190,11 +204,14 @@ class Checkpointer:
         self.store.protected.add(Path(path).resolve())
         self.last_saved_step = t.state.step
         levels = self.verified.summary() if self.verified else "verified on rank 0"
-        self.events.emit("resumed", stage=t.stage, step=t.state.step, path=path, levels=levels)
+        self.events.emit("resumed", stage=t.stage, step=t.state.step, path=path, levels=levels,
+                         rollback=rollback)
         logger.info("%s: resumed from verified checkpoint %s (step %d; %s)", t.stage, path, t.state.step,
                     levels)
         if self.verified is not None:
             logger.info("%s: probe %s", t.stage, self.verified.levels["probe"].detail)
+        for line in chosen.manifest.provenance if chosen is not None else ():
+            logger.info("%s: %s was not written by training alone: %s", t.stage, Path(path).name, line)
         return Path(path)
 
     def _load_everywhere(self, path: Path, chosen: Checkpoint | None, records: tp.Any) -> None:
@@ -238,13 +255,18 @@ class Checkpointer:
 
     def _choose(self, mode: str, count: bool = True) -> Checkpoint | None:
         t = self.trainer
-        leftovers = self.store.remove_leftovers()
+        if self.read_only:
+            self.would += [self._leftover_action(name) for name in self.store.leftovers()]
+        leftovers = [] if self.read_only else self.store.remove_leftovers()
         if leftovers:
             logger.info("%s: removed unfinished save(s) %s (the process died mid-save)", t.stage,
                         ", ".join(leftovers))
             self.events.emit("staging_removed", stage=t.stage, folders=leftovers)
         if mode == "never":
-            if self.store.candidates():
+            if self.store.candidates() and self.read_only:
+                self.would.append(f"set aside {len(self.store.candidates())} checkpoint(s) "
+                                  "(checkpoint.resume=never)")
+            elif self.store.candidates():
                 moved = self.store.set_aside(self.store.candidates(),
                                              "checkpoint.resume=never: a deliberate fresh start")
                 logger.warning("%s: checkpoint.resume=never: the previous run's checkpoints were moved to "
@@ -253,7 +275,7 @@ class Checkpointer:
             self.events.emit("fresh_start", stage=t.stage, reason="checkpoint.resume=never")
             return None
         if mode != "auto":
-            return self._choose_named(Path(mode).expanduser(), mode)
+            return self._choose_named(Path(mode).expanduser(), mode, count)
         candidates = self.store.candidates()
         if count:
             candidates = self._past_crash_loops(candidates)
@@ -277,11 +299,17 @@ class Checkpointer:
             logger.info("%s: no checkpoint in %s, starting fresh", t.stage, self.store.folder)
             self.events.emit("fresh_start", stage=t.stage, reason="no checkpoint")
             return None
+        return self._newest_verified(candidates, count)
+
+    def _newest_verified(self, candidates: list[Path], count: bool) -> Checkpoint:
+        """The first of ``candidates`` (newest first) that verifies; the damaged ones before it are
+        quarantined; a sound one this run cannot use stops the run."""
+        t = self.trainer
         rejected = []
         for path in candidates:
             report = self.verify_and_load(path)
             if report.ok:
-                if count and self.crash_limit is not None:
+                if count and self.crash_limit is not None and not self.read_only:
                     runs = self.restarts.started(path.name)
                     if runs > 1:
                         logger.warning("%s: run %d in a row resuming from %s (set aside after %d)",
@@ -289,18 +317,29 @@ class Checkpointer:
                 return self._accept(report)
             if not report.damaged:
                 raise self._refusal(report, "checkpoint.resume=auto")
+            rejected.append(f"{path.name}: {tp.cast(tp.Any, report.failure).name}")
+            if self.read_only:
+                self.rejected.append(report)
+                self.would.append(f"quarantine {path.name} ({tp.cast(tp.Any, report.failure).name} failed)")
+                continue
             reason = report.describe()
             moved = self.store.quarantine(path, reason)
-            rejected.append(f"{path.name}: {tp.cast(tp.Any, report.failure).name}")
             self.events.emit("checkpoint_quarantined", stage=t.stage, path=str(path), to=str(moved),
                              reason=reason)
             logger.warning("%s: checkpoint damaged, moved to %s\n%s", t.stage, moved, reason)
         raise UserError(
             f"{t.stage}: checkpoints exist in {self.store.folder} but none verifies "
-            f"({'; '.join(rejected)}); they were moved to {self.store.folder / 'quarantine'} with "
+            f"({'; '.join(rejected)}); they {'would be' if self.read_only else 'were'} moved to "
+            f"{self.store.folder / 'quarantine'} with "
             f"their reasons (*{REASON_SUFFIX}). Refusing to start from scratch: repair one and pass "
             "checkpoint.resume=<its folder>, or pass checkpoint.resume=never to start fresh deliberately."
         )
+
+    def _leftover_action(self, name: str) -> str:
+        original = name.removeprefix(".replaced-")
+        if name != original and not (self.store.folder / original).exists():
+            return f"put {name} back as {original} (not verified here: a dry-run moves nothing)"
+        return f"remove {name}, left by a process that died mid-save"
 
     def _past_crash_loops(self, candidates: list[Path]) -> list[Path]:
         """``candidates`` less those runs kept dying from: each is set aside, unchanged, with its reason."""
@@ -315,16 +354,29 @@ class Checkpointer:
             reason = (f"crash loop: {runs} runs in a row resumed from {path.name} and died before their next "
                       f"save (checkpoint.crash_loop_restarts={self.crash_limit}); the checkpoint itself "
                       "verified. Pass checkpoint.resume=<this folder>/" + path.name + " to try it again.")
+            if self.read_only:
+                self.would.append(f"set aside {path.name}: {reason}")
+                continue
             moved = self.store.set_aside([path], reason, prefix=CRASH_LOOP)
             self.events.emit("checkpoint_set_aside", stage=self.trainer.stage, path=str(path), to=str(moved),
                              reason=reason)
             logger.error("%s: %s set aside to %s: %s", self.trainer.stage, path.name, moved, reason)
         return kept
 
-    def _choose_named(self, path: Path, mode: str) -> Checkpoint:
-        """``checkpoint.resume=<folder>``: exactly that one; newer ones (and other lines) are set aside."""
+    def _choose_named(self, path: Path, mode: str, count: bool) -> Checkpoint:
+        """``checkpoint.resume=<folder>``: exactly that one, and this run writes a new line branching
+        from it; newer checkpoints (and other lines) are set aside. When checkpoints of that branch
+        exist, a run resumed from it before and went on (a requeued job still carries the override):
+        the newest of them is resumed instead, so a restart never throws that progress away."""
         if not path.is_dir():
             raise UserError(f"checkpoint.resume={mode}: no such checkpoint folder")
+        branch = self._branch_of(path)
+        descendants = [p for p in self.store.candidates() if branch and self.store.line_of(p) == branch]
+        if descendants:
+            logger.warning("%s: checkpoint.resume=%s: a run resumed from it before and committed %s since; "
+                           "continuing from the newest of those (the override can be dropped now)",
+                           self.trainer.stage, mode, ", ".join(p.name for p in descendants))
+            return self._newest_verified(descendants, count)
         report = self.verify_and_load(path)
         if report.damaged:
             raise UserError(f"checkpoint.resume={mode} does not verify (it is damaged; a "
@@ -335,7 +387,10 @@ class Checkpointer:
         chosen, step, line = path.resolve(), ckpt.manifest.step, ckpt.manifest.line
         others = [p for p in self.store.candidates() if p.resolve() != chosen and (
             tp.cast(int, parse_step(p.name)) >= step or self.store.line_of(p) not in (None, line))]
-        if others:
+        if others and self.read_only:
+            self.would.append(f"set aside {', '.join(p.name for p in others)} (newer than {path.name}, or "
+                              "of another line)")
+        elif others:
             names = ", ".join(p.name for p in others)
             moved = self.store.set_aside(others, f"checkpoint.resume={path} (step {step}): these "
                                                  "checkpoints are newer or of another line, so the resumed "
@@ -343,7 +398,17 @@ class Checkpointer:
             logger.warning("%s: resuming from %s (step %d): %s set aside, unchanged, in %s (nothing deleted)",
                            self.trainer.stage, path, step, names, moved)
             self.events.emit("checkpoints_set_aside", stage=self.trainer.stage, to=str(moved), folders=names)
+        self.branch = branch
         return ckpt
+
+    def _branch_of(self, path: Path) -> str | None:
+        """The line a run resumed from the named checkpoint ``path`` writes: derived from that
+        checkpoint's identity, so every restart with the same override finds the same line."""
+        try:
+            m = read_manifest(path)
+        except (OSError, ManifestError):
+            return None
+        return hashlib.sha256(f"{m.line}/{m.step}/{m.probe.loss_hex}/{m.created}".encode()).hexdigest()[:32]
 
     def _accept(self, report: Report) -> Checkpoint:
         self.verified = report
@@ -372,6 +437,8 @@ class Checkpointer:
         }.get(failure.name, "")
         self.events.emit("resume_refused", stage=t.stage, path=str(report.path), level=failure.name,
                          reason=report.describe())
+        if self.read_only:
+            self.rejected.append(report)
         return UserError(
             f"{t.stage}: {how}: {report.path} is intact but cannot be resumed as configured (nothing was "
             f"moved):\n{report.describe()}\n{advice}".rstrip()

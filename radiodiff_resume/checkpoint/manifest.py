@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 FORMAT = "radiodiff_resume/checkpoint"
 VERSION = 2
 MANIFEST = "manifest.json"
+OPTIONAL_FIELD = "provenance"
 MAX_MANIFEST_BYTES = 16 << 20
 """A manifest lists files and a few fields; anything larger is not one of ours."""
 
@@ -67,11 +68,16 @@ class Manifest:
     files: dict[str, FileRecord] = field(default_factory=dict)
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
+    provenance: list[str] = field(default_factory=list)
+    """How the state came to be other than by training: an import or a repair, one line each (an
+    optional field, left out when empty, so a manifest without it is read as before)."""
     format: str = FORMAT
     version: int = VERSION
 
     def to_json(self) -> str:
         body = asdict(self)
+        if not body[OPTIONAL_FIELD]:
+            del body[OPTIONAL_FIELD]
         body["checksum"] = checksum(body)
         return json.dumps(body, indent=1, sort_keys=True, allow_nan=False)
 
@@ -106,8 +112,8 @@ class Manifest:
                 "checkpoint.resume=never", integrity=False)
         _get(raw, "checksum", str)
         expected = {f.name for f in fields(cls)} | {"checksum"}
-        if set(raw) != expected:
-            extra, missing = sorted(set(raw) - expected), sorted(expected - set(raw))
+        if set(raw) | {OPTIONAL_FIELD} != expected:
+            extra, missing = sorted(set(raw) - expected), sorted(expected - set(raw) - {OPTIONAL_FIELD})
             raise ManifestError(f"fields differ from the format (unexpected {extra}, missing {missing})")
         step = _get(raw, "step", int)
         world_size = _get(raw, "world_size", int)
@@ -125,6 +131,7 @@ class Manifest:
             scale_factor=None if scale is None else float(scale),
             probe=_probe(_get(raw, "probe", dict)), files=files,
             created=_get(raw, "created", str), versions=_str_map(_get(raw, "versions", dict), "versions"),
+            provenance=_provenance(raw.get(OPTIONAL_FIELD, [])),
         )
 
 
@@ -200,6 +207,12 @@ def _probe(raw: tp.Mapping[str, tp.Any]) -> Probe:
         raise ManifestError(f"probe fields {sorted(raw)} differ from the format")
     return Probe(loss=float(loss), loss_hex=loss_hex, dtype=_get(raw, "dtype", str),
                  environment=_str_map(_get(raw, "environment", dict), "probe.environment"))
+
+
+def _provenance(raw: tp.Any) -> list[str]:
+    if not (isinstance(raw, list) and all(isinstance(x, str) for x in raw)):
+        raise ManifestError("'provenance' must be a list of strings")
+    return list(raw)
 
 
 def _files(raw: tp.Mapping[str, tp.Any]) -> dict[str, FileRecord]:

@@ -98,15 +98,18 @@ class CheckpointStore:
         return self._lines[path.name]
 
     # ----- housekeeping (rank 0) -----------------------------------------------------
+    def leftovers(self) -> list[str]:
+        """Folders a crash left behind: uncommitted staging, retired and moved-aside ones."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p.name for p in self.folder.iterdir()
+                      if p.is_dir() and p.name.startswith(LEFTOVER_PREFIXES))
+
     def remove_leftovers(self) -> list[str]:
         """Clean up after a crash: uncommitted staging and retired folders go; a checkpoint that
         a re-save had moved aside (``.replaced-step-N``) goes back if ``step-N`` is missing."""
-        if not self.folder.is_dir():
-            return []
         handled = []
-        for path in sorted(self.folder.iterdir()):
-            if not path.is_dir() or not path.name.startswith(LEFTOVER_PREFIXES):
-                continue
+        for path in (self.folder / name for name in self.leftovers()):
             if path.name.startswith(".replaced-"):
                 original = self.folder / path.name.removeprefix(".replaced-")
                 if not original.exists():

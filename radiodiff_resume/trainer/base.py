@@ -82,8 +82,12 @@ class Trainer:
         num_workers: int = 0,
         checkpoint: CheckpointConfig | None = None,
         config: Config | None = None,
+        read_only: bool = False,
     ) -> None:
         self.loop = loop
+        self.read_only = read_only
+        """Writes nothing to the results folder (no metrics, events or checkpoint housekeeping): the
+        dry-run builds the same trainer as the real resume."""
         self.accelerator = accelerator
         self.results_folder = Path(results_folder)
         self.seed = seed
@@ -115,10 +119,12 @@ class Trainer:
         self.noise = torch.Generator(accelerator.device).manual_seed(
             derive_seed(seed, self.stage, "noise", rank)
         )
-        self.log = RunLog(self.results_folder, accelerator, self.stage)
-        self.events = EventLog(self.results_folder / "events.jsonl", accelerator.is_main_process)
+        writes = accelerator.is_main_process and not read_only
+        self.log = RunLog(self.results_folder, accelerator, self.stage, enabled=writes)
+        self.events = EventLog(self.results_folder / "events.jsonl", writes)
         self.ranks = Ranks(accelerator)
-        self.checkpointer = Checkpointer(self, checkpoint or CheckpointConfig(), self.events, self.ranks)
+        self.checkpointer = Checkpointer(self, checkpoint or CheckpointConfig(), self.events, self.ranks,
+                                         read_only=read_only)
         self.guard = Guard(
             config.guard if config is not None else GuardConfig(), accelerator=accelerator,
             module=self.unwrapped, params=self.params, max_grad_norm=loop.max_grad_norm,
@@ -183,12 +189,7 @@ class Trainer:
 
     def fit(self) -> None:
         total = self.loop.train_num_steps
-        if self.guard.norm_stats:
-            self.calibration_batches()
-        if self.checkpointer.resume() is not None:
-            self.check_state("after load", weights=False)
-        self.model.train()
-        self.on_fit_start()
+        self.restore()
         logger.info("%s: training steps %d..%d", self.stage, self.state.step, total)
         bar = tqdm(
             total=total, initial=self.state.step, desc=self.stage, dynamic_ncols=True,
@@ -217,6 +218,18 @@ class Trainer:
         self.sync_buffers()
         self.on_fit_end()
         self.log.plot(self.results_folder / "curves.png")
+
+    def restore(self, mode: str | None = None) -> Path | None:
+        """Resume from the verified checkpoint (``mode`` as :meth:`Checkpointer.resume`), repair its
+        running statistics, and make the model ready to train; the path, or None on a fresh start."""
+        if self.guard.norm_stats:
+            self.calibration_batches()
+        path = self.checkpointer.resume(mode)
+        if path is not None:
+            self.check_state("after load", weights=False)
+        self.model.train()
+        self.on_fit_start()
+        return path
 
     def train_step(self) -> StepOutcome:
         """One optimizer step over ``gradient_accumulate_every`` micro-batches, or a skipped one.

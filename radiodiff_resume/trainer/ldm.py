@@ -50,6 +50,11 @@ class LatentDiffusionTrainer(Trainer):
         if not self.scale_by_std:
             logger.info("ldm: scale_factor %.6g from model.scale_factor", float(self.ldm.scale_factor))
             return
+        self.measure_scale_factor()
+
+    def measure_scale_factor(self) -> float:
+        """Set ``scale_factor`` to 1/std of the latents of every rank's next training batch (the first
+        one on a fresh start; non-finite samples left out); returns it."""
         batch = self.to_device(self.train_stream.peek())
         generator = torch.Generator(self.accelerator.device).manual_seed(
             derive_seed(self.seed, self.stage, "scale_by_std", self.accelerator.process_index)
@@ -69,6 +74,7 @@ class LatentDiffusionTrainer(Trainer):
             1.0 / std, int(count), f"; {int(left_out)} sample(s) with non-finite latents left out"
             if left_out else "",
         )
+        return 1.0 / std
 
     def on_fit_end(self) -> None:
         """Write final weights (online and EMA) for inference, from the main process."""

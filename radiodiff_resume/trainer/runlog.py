@@ -23,11 +23,12 @@ from accelerate import Accelerator  # noqa: E402
 class RunLog:
     """Writes metrics from the main process; other ranks hold a no-op instance."""
 
-    def __init__(self, folder: Path, accelerator: Accelerator, name: str) -> None:
+    def __init__(self, folder: Path, accelerator: Accelerator, name: str, enabled: bool) -> None:
         self.path = folder / "metrics.jsonl"
         self.accelerator = accelerator
         self.name = name
-        self.enabled = accelerator.is_main_process
+        self.enabled = enabled
+        """Whether this process writes (the main process, unless the run is read-only)."""
         if self.enabled:
             folder.mkdir(parents=True, exist_ok=True)
 

@@ -198,7 +198,8 @@ def test_a_quarantined_checkpoint_once_repaired_resumes_by_name(
     for step in (5, 6, 7):
         trainer.state.step = step
         trainer.checkpointer.save()
-    assert committed(run) == ["step-00000006", "step-00000007"]
+    assert committed(run) == [STEP2, "step-00000006", "step-00000007"], \
+        "retention keeps 2 of the run's own line, which branched from the named one; step 2 is not its own"
     assert moved.is_dir() and (moved / "model.safetensors").read_bytes() == good
 
 
@@ -252,6 +253,30 @@ def test_resume_from_a_named_older_checkpoint_sets_the_newer_ones_aside(
     [aside] = events(run, "checkpoints_set_aside")
     assert aside["folders"] == STEP4
     assert hashes(Path(aside["to"]) / STEP4) == newer, "set aside unchanged, never deleted"
+
+
+def test_a_restart_that_still_names_the_checkpoint_keeps_the_progress_made_since(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    """A requeued job carries its ``checkpoint.resume=<folder>`` override: its second run continues
+    from what the first run committed after that checkpoint, instead of setting it aside again."""
+    ckdir = run / "checkpoints"
+    named = f"checkpoint.resume={ckdir / STEP2}"
+    build(run_cfg(named, "trainer.train_num_steps=6")).fit()
+    assert committed(run) == [STEP2, STEP4, "step-00000006"]
+    branch = json.loads((ckdir / "step-00000006" / "manifest.json").read_text())["line"]
+    assert json.loads((ckdir / STEP2 / "manifest.json").read_text())["line"] != branch, \
+        "the run resumed from a named checkpoint writes a line of its own"
+    progress = hashes(ckdir / "step-00000006")
+
+    trainer = build(run_cfg(named, "trainer.train_num_steps=8"))
+    assert trainer.checkpointer.resume() == ckdir / "step-00000006"
+    assert trainer.state.step == 6
+    assert committed(run) == [STEP2, STEP4, "step-00000006"]
+    assert hashes(ckdir / "step-00000006") == progress
+    assert len(events(run, "checkpoints_set_aside")) == 1, "only the first run set the old step 4 aside"
+    trainer.fit()
+    assert json.loads((ckdir / "step-00000008" / "manifest.json").read_text())["line"] == branch
 
 
 def test_a_named_checkpoint_that_fails_is_an_error_and_is_not_quarantined(

@@ -41,20 +41,40 @@ def write_config(tmp_path: Path, synth_cache: Path, name: str, ae: Path) -> Path
     return path
 
 
-def start_ranks(cfg: Path, cwd: Path) -> list[subprocess.Popen[str]]:
+class Rank(tp.NamedTuple):
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+def start_ranks(cfg: Path, cwd: Path) -> list[Rank]:
+    """Each rank writes to its own log file: a pipe that nobody drains while the other rank is
+    awaited could fill and block a rank inside a collective, and a hang would show no output."""
     port = str(free_port())
-    procs = []
+    ranks = []
     for rank in range(2):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(REPO / "train_cond_ldm.py"), "--cfg", str(cfg)], cwd=cwd, env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True))
-    return procs
+        log = cwd / f"{cfg.stem}-{time.monotonic_ns()}-rank{rank}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, str(REPO / "train_cond_ldm.py"), "--cfg", str(cfg)],
+                                    cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        ranks.append(Rank(proc, log))
+    return ranks
 
 
-def finish(procs: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
-    return [(p.wait(timeout=600), tp.cast(tp.IO[str], p.stdout).read()) for p in procs]
+def finish(ranks: list[Rank], timeout: float = 600) -> list[tuple[int, str]]:
+    """Both ranks' exit codes and output; on a hang both are killed and both outputs shown."""
+    deadline = time.monotonic() + timeout
+    while any(r.proc.poll() is None for r in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    hung = [r.proc for r in ranks if r.proc.poll() is None]
+    for proc in hung:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    outputs = [r.log.read_text(errors="replace") for r in ranks]
+    assert not hung, "ranks hung:\n" + "\n".join(f"--- rank {i}:\n{o[-4000:]}" for i, o in enumerate(outputs))
+    return [(tp.cast(int, r.proc.returncode), o) for r, o in zip(ranks, outputs, strict=True)]
 
 
 def test_a_signal_to_one_rank_stops_both_at_one_step(tmp_path: Path, synth_cache: Path) -> None:
@@ -67,13 +87,13 @@ def test_a_signal_to_one_rank_stops_both_at_one_step(tmp_path: Path, synth_cache
     for code, out in finish(start_ranks(straight_cfg, tmp_path)):
         assert code == 0, out[-3000:]
 
-    procs = start_ranks(stopped_cfg, tmp_path)
+    ranks = start_ranks(stopped_cfg, tmp_path)
     deadline = time.monotonic() + 300
     while not (results / "checkpoints" / "step-00000004" / "manifest.json").exists():
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "never reached step 4"
+        assert time.monotonic() < deadline and all(r.proc.poll() is None for r in ranks), "no step 4"
         time.sleep(0.01)
-    os.killpg(procs[1].pid, signal.SIGUSR1)  # rank 1 and its DataLoader worker only
-    ended = finish(procs)
+    os.killpg(ranks[1].proc.pid, signal.SIGUSR1)  # rank 1 and its DataLoader worker only
+    ended = finish(ranks)
     for code, out in ended:
         assert code == EXIT_STOPPED, out[-3000:]
     assert "stopped: ldm stopped at step" in ended[0][1] and "run the same command to resume" in ended[0][1]

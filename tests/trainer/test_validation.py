@@ -61,7 +61,7 @@ def test_a_model_that_is_nan_everywhere_is_reported_invalid_never_zero(tmp_path)
     result = evaluate(batches(), NaNWhereMarked(mark=-2.0), lambda t: t, torch.device("cpu"))
     assert not result.valid and result.evaluated == 0 and result.total == 12
     assert "INVALID" in result.describe()
-    log = RunLog(tmp_path, Accelerator(cpu=True), "ldm")
+    log = RunLog(tmp_path, Accelerator(cpu=True), "ldm", enabled=True)
     log.write(5, {**result.log_values(), "loss": float("nan")})
     record = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert record["val/valid"] is False and record["val/evaluated"] == 0

@@ -1,0 +1,1 @@
+"""Operator tools: commands that inspect, repair and import checkpoints and runs."""

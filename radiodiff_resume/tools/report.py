@@ -1,0 +1,842 @@
+"""``radiodiff-resume report RUN_DIR``: a run's health in one PNG and a short text summary.
+
+It reads only what a run writes for people and tools — ``metrics.jsonl`` and ``events.jsonl`` of
+the LDM (``RUN_DIR``) and of the first stage (its subfolder), ``config.yaml`` and the SLURM requeue
+ledgers — so it works on a live run, a finished one or a copy, and changes nothing but the PNG.
+
+Steps go back when a run resumes from a checkpoint older than where it was (a preemption between
+saves, a quarantined newest checkpoint) or rolls back; what was logged for those steps before is
+drawn as discarded, and the wall time and steps redone are counted as lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import math
+import os
+import re
+import secrets
+import textwrap
+import typing as tp
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from radiodiff_resume.errors import UserError
+
+Record = dict[str, tp.Any]
+
+METRICS, EVENTS, CONFIG = "metrics.jsonl", "events.jsonl", "config.yaml"
+REQUEUES = "requeues.json"
+"""Per SLURM job in the log folder (``radiodiff_resume.slurm.submit.LEDGER``): requeues by cause."""
+RESTARTS = "restarts.json"
+"""Per stage folder (``radiodiff_resume.checkpoint.restarts.LEDGER``): runs that died after a resume."""
+STAGE_ORDER = ("first_stage", "ldm")
+STEPS_KEY = {"first_stage": ("model", "first_stage", "trainer"), "ldm": ("trainer",)}
+"""Where each stage's loop settings sit in ``config.yaml``."""
+VAL_BOOKKEEPING = ("val/evaluated", "val/total", "val/valid")
+DONE_AT_STEP = frozenset({"checkpoint_saved", "stopped", "halted", "save_refused", "bn_repaired", "resumed"})
+"""Events whose ``step`` is a step the run stood at (``fresh_start``: step 0)."""
+ATTEMPTING_STEP = frozenset({"step_skipped", "batch_skipped", "grads_scrubbed", "grad_clipped"})
+"""Events whose ``step`` is the optimizer step being attempted, one past the last completed."""
+STEP_FOLDER = re.compile(r"step-(\d+)")
+LISTED = 5
+"""Incidents (restarts, rollbacks, quarantines, halts) listed one by one in the text (the latest);
+the rest are counted."""
+TEXT_WIDTH = 110
+
+
+# ----- reading ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Lines:
+    records: list[Record]
+    unreadable: int
+    """Lines that are not a JSON object: the last line of a process killed mid-write, a torn write."""
+
+
+def read_jsonl(path: Path) -> Lines:
+    """The JSON objects of ``path``, one a line; a bad line is skipped and counted, never fatal.
+    ``NaN``/``Infinity`` tokens are read as None, so a non-finite value never passes for a number."""
+    if not path.is_file():
+        return Lines([], 0)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {path}: {exc.strerror}") from None
+    records, bad = [], 0
+    for raw in data.splitlines():
+        if not raw.strip():
+            continue
+        try:
+            value = json.loads(raw, parse_constant=lambda _: None)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(value, dict) and _number(value.get("time")) is not None:
+            records.append(value)
+        else:
+            bad += 1
+    return Lines(records, bad)
+
+
+@dataclass
+class Stage:
+    """One stage's records, each list in the order written."""
+
+    name: str
+    train: list[Record]
+    """Training log records (those with a ``loss`` key, null when it was not finite)."""
+    val: list[Record]
+    events: list[Record]
+
+
+@dataclass
+class Run:
+    """What the report reads from a results folder."""
+
+    folder: Path
+    stages: dict[str, Stage]
+    unreadable: dict[str, int]
+    config: dict[str, tp.Any]
+    requeues: dict[str, int] | None
+    crash_loops: dict[str, dict[str, int]]
+
+
+def first_stage_folder(run_dir: Path) -> Path:
+    """Where the first stage of a run in ``run_dir`` logs (the config is the one place that says)."""
+    from radiodiff_resume.config import Config
+
+    cfg = Config()
+    cfg.trainer.results_folder = str(run_dir)
+    return cfg.first_stage_folder()
+
+
+def load_run(run_dir: Path) -> Run:
+    """Everything the report draws from ``run_dir`` (a results folder, or one stage's folder)."""
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such folder (pass a run's results folder, trainer.results_folder)")
+    folders = [f for f in (run_dir, first_stage_folder(run_dir))
+               if (f / METRICS).is_file() or (f / EVENTS).is_file()]
+    if not folders:
+        raise UserError(f"{run_dir} holds neither {METRICS} nor {EVENTS} (nor a first_stage/ folder with "
+                        "them): pass a run's results folder (trainer.results_folder)")
+    grouped: dict[str, dict[str, list[Record]]] = {}
+    unreadable = {}
+    for folder in folders:
+        for name in (METRICS, EVENTS):
+            lines = read_jsonl(folder / name)
+            if lines.unreadable:
+                unreadable[str((folder / name).relative_to(run_dir))] = lines.unreadable
+            for r in lines.records:
+                kinds = grouped.setdefault(str(r.get("stage", "unknown")),
+                                           {"train": [], "val": [], "events": []})
+                if name == EVENTS:
+                    kinds["events"].append(r)
+                elif "loss" in r:
+                    kinds["train"].append(r)
+                elif any(k.startswith("val/") for k in r):
+                    kinds["val"].append(r)
+    order = [s for s in STAGE_ORDER if s in grouped] + sorted(set(grouped) - set(STAGE_ORDER))
+    config = _read_config(run_dir / CONFIG)
+    return Run(run_dir, {s: Stage(s, **grouped[s]) for s in order}, unreadable, config,
+               _requeues(run_dir, config), _crash_loops(run_dir, folders))
+
+
+def _read_config(path: Path) -> dict[str, tp.Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_json(path: Path) -> tp.Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _requeues(run_dir: Path, config: dict[str, tp.Any]) -> dict[str, int] | None:
+    """Requeues summed over the SLURM jobs whose ledgers lie in the log folder; None without any."""
+    log_folder = _get(config, "slurm", "log_folder")
+    folder = Path(log_folder) if isinstance(log_folder, str) else run_dir / "slurm"
+    ledgers = [d for p in sorted(folder.glob(f"*/{REQUEUES}")) if isinstance(d := _read_json(p), dict)]
+    if not ledgers:
+        return None
+    return {"jobs": len(ledgers), "timeouts": sum(int(_number(d.get("timeouts")) or 0) for d in ledgers),
+            "other": sum(int(_number(d.get("other")) or 0) for d in ledgers)}
+
+
+def _crash_loops(run_dir: Path, folders: list[Path]) -> dict[str, dict[str, int]]:
+    """Non-empty crash-loop ledgers: checkpoint → runs in a row that died after resuming from it."""
+    found = {}
+    for folder in folders:
+        counts = _read_json(folder / RESTARTS)
+        if isinstance(counts, dict) and counts:
+            found[str(folder.relative_to(run_dir)) if folder != run_dir else "."] = counts
+    return found
+
+
+# ----- the summary -----------------------------------------------------------------------------
+
+
+@dataclass
+class Point:
+    """A moment the run's step is known: (wall time, last completed step)."""
+
+    time: float
+    step: int
+
+
+def progress(stage: Stage) -> list[Point]:
+    """Every record that tells the completed step, by time."""
+    points = [Point(r["time"], r["step"]) for r in stage.train + stage.val if _step(r) is not None]
+    for e in stage.events:
+        step, kind = _step(e), e.get("event")
+        if kind == "fresh_start":
+            points.append(Point(e["time"], 0))
+        elif kind == "rolled_back" and _step(e, "to_step") is not None:
+            points.append(Point(e["time"], e["to_step"]))
+        elif step is not None and kind in DONE_AT_STEP:
+            points.append(Point(e["time"], step))
+        elif step is not None and kind in ATTEMPTING_STEP:
+            points.append(Point(e["time"], max(step - 1, 0)))
+    return sorted(points, key=lambda p: p.time)
+
+
+def timeline(records: list[Record]) -> tuple[list[Record], list[Record]]:
+    """(kept, discarded): a record at or before the last kept step means the run went back (a resume
+    from an older checkpoint, a rollback), so what was logged from that step on was redone."""
+    kept: list[Record] = []
+    discarded: list[Record] = []
+    for r in records:
+        if _step(r) is None:
+            continue
+        while kept and kept[-1]["step"] >= r["step"]:
+            discarded.append(kept.pop())
+        kept.append(r)
+    return kept, discarded
+
+
+def restarts(stage: Stage, points: list[Point], target: int | None) -> list[dict[str, tp.Any]]:
+    """Each new process of the stage after earlier progress: a ``resumed`` that is not a rollback's
+    reload (a rollback emits ``rolled_back`` right after it), or a ``fresh_start``."""
+    found = []
+    events = stage.events
+    for i, e in enumerate(events):
+        kind = e.get("event")
+        reload = i + 1 < len(events) and events[i + 1].get("event") == "rolled_back"
+        if not (kind == "fresh_start" or (kind == "resumed" and not reload)):
+            continue
+        before = _before(points, e["time"])
+        if not before:
+            continue  # the stage's first process
+        to_step = (_step(e) or 0) if kind == "resumed" else 0
+        last = before[-1]
+        found.append({
+            "time": e["time"], "to_step": to_step, "from_step": last.step, "fresh": kind == "fresh_start",
+            "cause": _previous_end(events[:i], last, target), "steps_redone": max(0, last.step - to_step),
+            "down_s": round(e["time"] - last.time, 3), "redone_s": _redone_s(before, to_step, last.time),
+        })
+    return found
+
+
+def _previous_end(earlier: list[Record], last: Point, target: int | None) -> str:
+    """How the previous process ended, as far as the files say."""
+    ends = [e for e in earlier if e.get("event") in ("stopped", "halted") and e["time"] >= last.time]
+    if ends and ends[-1]["event"] == "stopped":
+        return f"stopped: {ends[-1].get('reason', '?')}"
+    if ends:
+        return "halted"
+    if target is not None and last.step >= target:
+        return "had finished"
+    return "no stop recorded: killed or crashed"
+
+
+def _before(points: list[Point], time: float) -> list[Point]:
+    return points[:bisect.bisect_left([p.time for p in points], time)]
+
+
+def _redone_s(before: list[Point], to_step: int, until: float) -> float:
+    """Wall time from the latest moment the run stood at ``to_step`` or earlier until ``until``: the
+    work that going back to ``to_step`` throws away."""
+    start = next((p.time for p in reversed(before) if p.step <= to_step), before[0].time)
+    return round(max(0.0, until - start), 3)
+
+
+def rollbacks(stage: Stage, points: list[Point]) -> list[dict[str, tp.Any]]:
+    found = []
+    for i, e in enumerate(stage.events):
+        step, to_step = _step(e), _step(e, "to_step")
+        if e.get("event") != "rolled_back" or step is None or to_step is None:
+            continue
+        reload = stage.events[i - 1] if i and stage.events[i - 1].get("event") == "resumed" else e
+        before = _before(points, reload["time"])
+        found.append({"time": e["time"], "step": step, "to_step": to_step, "reason": e.get("reason"),
+                      "steps_redone": max(0, step - to_step),
+                      "redone_s": _redone_s(before, to_step, e["time"]) if before else 0.0})
+    return found
+
+
+def set_aside(stage: Stage) -> list[dict[str, tp.Any]]:
+    """Checkpoints moved out of the way: quarantined (damaged) or set aside (crash loop, a named resume,
+    a deliberate fresh start), with the first line that says why."""
+    found = []
+    for e in stage.events:
+        kind = e.get("event")
+        if kind not in ("checkpoint_quarantined", "checkpoint_set_aside", "checkpoints_set_aside"):
+            continue
+        what = Path(str(e["path"])).name if e.get("path") else str(e.get("folders") or "all checkpoints")
+        found.append({"time": e["time"], "kind": kind, "checkpoint": what, "to": e.get("to"),
+                      "why": _first_failure(e.get("reason"))})
+    return found
+
+
+def halts(stage: Stage) -> list[dict[str, tp.Any]]:
+    """Halts, and saves or resumes refused (the run stopped to protect its state)."""
+    found = []
+    for e in stage.events:
+        kind = e.get("event")
+        if kind not in ("halted", "save_refused", "resume_refused"):
+            continue
+        why = e.get("reason")
+        if why is None and isinstance(e.get("nonfinite"), list):
+            why = f"non-finite {', '.join(map(str, e['nonfinite'][:3]))}"
+        elif why is None and e.get("probe"):
+            why = f"non-finite probe {e['probe']}"
+        found.append({"time": e["time"], "kind": kind, "step": _step(e), "why": _first_failure(why)})
+    return found
+
+
+def _first_failure(reason: tp.Any) -> str | None:
+    """The line of a verification report that failed (or the reason's first line)."""
+    if not isinstance(reason, str):
+        return None
+    lines = [" ".join(line.split()) for line in reason.splitlines() if line.strip()]
+    failed = [line for line in lines if "FAILED" in line]
+    return (failed or lines or [None])[0]
+
+
+def stage_summary(stage: Stage, config: dict[str, tp.Any]) -> dict[str, tp.Any]:
+    points = progress(stage)
+    kinds = Counter(str(e.get("event")) for e in stage.events)
+    target = _get(config, *STEPS_KEY.get(stage.name, ("-",)), "train_num_steps")
+    target = target if isinstance(target, int) else None
+    back = restarts(stage, points, target)
+    rolled = rollbacks(stage, points)
+    redone = sum(r["steps_redone"] for r in back + rolled)
+    step = points[-1].step if points else 0
+    times = [r["time"] for r in stage.train + stage.val + stage.events]
+    train, _ = timeline(stage.train)
+    val, _ = timeline(stage.val)
+    last = train[-1] if train else {}
+    down = round(sum(r["down_s"] for r in back), 3)
+    redone_s = round(sum(r["redone_s"] for r in back + rolled), 3)
+    skipped_batches = sum(int(_number(e.get("micro_batches")) or 0)
+                          for e in stage.events if e.get("event") == "batch_skipped")
+    stops = Counter(str(e.get("reason")) for e in stage.events if e.get("event") == "stopped")
+    return {
+        "step": step,
+        "train_num_steps": target,
+        "steps_run": step + redone,
+        "steps_redone": redone,
+        "wall_s": round(max(times) - min(times), 3) if times else 0.0,
+        "time_lost_s": {"down": down, "redone": redone_s, "total": round(down + redone_s, 3)},
+        "counts": {
+            "saves": kinds["checkpoint_saved"],
+            "resumes": sum(not r["fresh"] for r in back),
+            "restarts": len(back),
+            "stops": kinds["stopped"],
+            "quarantines": kinds["checkpoint_quarantined"],
+            "set_aside": kinds["checkpoint_set_aside"] + kinds["checkpoints_set_aside"],
+            "rollbacks": kinds["rolled_back"],
+            "halts": kinds["halted"],
+            "refusals": kinds["save_refused"] + kinds["resume_refused"],
+            "skipped_steps": kinds["step_skipped"],
+            "skipped_micro_batches": skipped_batches,
+        },
+        "stop_reasons": dict(stops),
+        "events": dict(sorted(kinds.items())),
+        "restarts": back,
+        "rollbacks": rolled,
+        "set_aside": set_aside(stage),
+        "halts": halts(stage),
+        "last_train": {k: last.get(k) for k in ("step", "loss", "lr", "grad_norm") if k in last},
+        "guard": {k.removeprefix("guard/"): v for k, v in last.items() if k.startswith("guard/") and v},
+        "last_validation": _validation(val[-1]) if val else None,
+    }
+
+
+def _validation(r: Record) -> dict[str, tp.Any]:
+    return {"step": r["step"], "valid": r.get("val/valid", True) is not False,
+            "evaluated": r.get("val/evaluated"), "total": r.get("val/total"),
+            "metrics": {k.removeprefix("val/"): v for k, v in r.items()
+                        if k.startswith("val/") and k not in VAL_BOOKKEEPING}}
+
+
+def summarize(run: Run) -> dict[str, tp.Any]:
+    """The report's numbers as plain JSON data."""
+    stages = {name: stage_summary(stage, run.config) for name, stage in run.stages.items()}
+    return {
+        "run_dir": str(run.folder),
+        "stages": stages,
+        "time_lost_s": round(sum(s["time_lost_s"]["total"] for s in stages.values()), 3),
+        "unreadable_lines": run.unreadable,
+        "slurm_requeues": run.requeues,
+        "crash_loop_counts": run.crash_loops,
+    }
+
+
+# ----- text ------------------------------------------------------------------------------------
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.1f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _g(value: tp.Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _times(counts: dict[str, int]) -> str:
+    return ", ".join(k if n == 1 else f"{k} x{n}" for k, n in counts.items())
+
+
+def stage_lines(name: str, s: dict[str, tp.Any]) -> list[str]:
+    """A stage's summary as a few lines (the text output and the PNG's text panel)."""
+    c, target, lost = s["counts"], s["train_num_steps"], s["time_lost_s"]
+    of = (f" of {target}" + (" (done)" if s["step"] >= target else "")) if target else ""
+    redone = f" ({s['steps_redone']} redone)" if s["steps_redone"] else ""
+    lines = [f"{name}: step {s['step']}{of}, {s['steps_run']} steps run{redone}, "
+             f"wall {duration(s['wall_s'])}"]
+    lines.append(
+        f"  saves {c['saves']} | resumes {c['resumes']}"
+        + (f" (+{c['rollbacks']} reloads by rollbacks)" if c["rollbacks"] else "")
+        + f" | stops {c['stops']}" + (f" ({_times(s['stop_reasons'])})" if c["stops"] else "")
+        + f" | quarantined {c['quarantines']} | set aside {c['set_aside']}")
+    lines.append(
+        f"  rollbacks {c['rollbacks']} | halts {c['halts']}"
+        + (f" | refused saves/resumes {c['refusals']}" if c["refusals"] else "")
+        + f" | skipped steps {c['skipped_steps']} | skipped micro-batches {c['skipped_micro_batches']}")
+    if lost["total"] or s["steps_redone"]:
+        lines.append(f"  time lost {duration(lost['total'])}: {duration(lost['down'])} down between "
+                     f"processes, {duration(lost['redone'])} of work redone ({s['steps_redone']} steps)")
+    else:
+        lines.append("  time lost: none recorded")
+    incidents = sorted(
+        [(r["time"], f"restart after step {r['from_step']} ({r['cause']}), "
+                     + ("started afresh" if r["fresh"] else f"resumed at step {r['to_step']}")
+                     + f": {duration(r['down_s'])} down, {r['steps_redone']} steps redone "
+                       f"({duration(r['redone_s'])})") for r in s["restarts"]]
+        + [(r["time"], f"rollback at step {r['step']} to step {r['to_step']} ({r['reason']}): "
+                       f"{r['steps_redone']} steps redone ({duration(r['redone_s'])})")
+           for r in s["rollbacks"]]
+        + [(r["time"], f"{r['kind'].replace('_', ' ')}: {r['checkpoint']}"
+                       + (f": {r['why']}" if r["why"] else "")) for r in s["set_aside"]]
+        + [(r["time"], f"{r['kind'].replace('_', ' ')}"
+                       + (f" at step {r['step']}" if r["step"] is not None else "")
+                       + (f": {r['why']}" if r["why"] else "")) for r in s["halts"]],
+        key=lambda pair: pair[0])
+    if len(incidents) > LISTED:
+        lines.append(f"    ... {len(incidents) - LISTED} earlier incidents")
+    lines += [f"    {text}" for _, text in incidents[-LISTED:]]
+    t = s["last_train"]
+    if t:
+        extra = ", ".join(f"{k.replace('_', ' ')} {_g(t[k])}" for k in ("lr", "grad_norm")
+                          if t.get(k) is not None)
+        loss = "non-finite" if t.get("loss") is None else _g(t["loss"])
+        lines.append(f"  last loss {loss} at step {t.get('step')}"
+                     + (f" ({extra})" if extra else ""))
+    if s["guard"]:
+        lines.append("  guard counters: " + ", ".join(f"{k}={v}" for k, v in s["guard"].items()))
+    v = s["last_validation"]
+    if v and v["valid"]:
+        metrics = ", ".join(f"{k} {_g(x)}" for k, x in v["metrics"].items())
+        lines.append(f"  last validation (step {v['step']}, {v['evaluated']}/{v['total']} samples): "
+                     f"{metrics}")
+    elif v:
+        lines.append(f"  last validation (step {v['step']}): INVALID, 0/{v['total']} samples finite")
+    lines.append("  events: " + (", ".join(f"{k}={n}" for k, n in s["events"].items()) or "none"))
+    return lines
+
+
+def wrap(lines: list[str], width: int) -> list[str]:
+    """``lines`` folded at ``width``, continuations indented under their line."""
+    return [w for line in lines for w in textwrap.wrap(
+        line, width, subsequent_indent=" " * (len(line) - len(line.lstrip()) + 2)) or [""]]
+
+
+def format_text(summary: dict[str, tp.Any]) -> str:
+    stages = summary["stages"]
+    lines = [f"run {summary['run_dir']}: stages {', '.join(stages)}; "
+             f"time lost {duration(summary['time_lost_s'])}"]
+    for name, s in stages.items():
+        lines += wrap(stage_lines(name, s), TEXT_WIDTH)
+    if summary["slurm_requeues"]:
+        q = summary["slurm_requeues"]
+        lines.append(f"SLURM: {q['jobs']} job(s), requeued {q['timeouts']} times at a time limit, "
+                     f"{q['other']} times otherwise (preemption, operator)")
+    for folder, counts in summary["crash_loop_counts"].items():
+        lines.append(f"crash-loop counts in {folder}: " + ", ".join(f"{k} {n}" for k, n in counts.items())
+                     + " (runs that died after resuming from it, before their next save)")
+    for path, n in summary["unreadable_lines"].items():
+        lines.append(f"{path}: {n} unreadable line(s) skipped (e.g. the last line of a killed process)")
+    if summary.get("png"):
+        lines.append(f"report drawn to {summary['png']}")
+    return "\n".join(lines)
+
+
+# ----- the picture -----------------------------------------------------------------------------
+
+MARKS = {
+    "stopped": ("stop (preemption, signal)", "tab:orange", "-", 1.4),
+    "restart": ("restart (new process)", "tab:blue", "--", 1.4),
+    "rolled_back": ("rollback (arrow: steps redone)", "tab:red", "-.", 1.4),
+    "quarantine": ("checkpoint quarantined / set aside", "tab:purple", ":", 2.6),
+    "halted": ("halt, refused save / resume", "black", "-", 1.4),
+}
+"""Event kind → legend label, colour, line style and width of its vertical line."""
+SAVE_STYLE = {"marker": "^", "color": "tab:green", "markersize": 6, "linestyle": "none"}
+SAVE_LABEL = "checkpoint saved"
+DISCARDED_STYLE = {"marker": "x", "color": "0.6", "linestyle": "none", "markersize": 4}
+DISCARDED_LABEL = "logged, then redone"
+DPI = 72
+
+
+@dataclass
+class Mark:
+    kind: str
+    time: float
+    step: int
+
+
+def marks(stage: Stage, summary: dict[str, tp.Any]) -> list[Mark]:
+    """The events drawn as vertical lines, each at the step (and time) it concerns."""
+    found = [Mark("restart", r["time"], r["to_step"]) for r in summary["restarts"]]
+    found += [Mark("rolled_back", r["time"], r["step"]) for r in summary["rollbacks"]]
+    last = 0
+    for e in stage.events:
+        kind, step = e.get("event"), _step(e)
+        folder = STEP_FOLDER.fullmatch(Path(str(e.get("path", ""))).name)
+        if step is None and folder:
+            step = int(folder.group(1))
+        last = step if step is not None else last
+        if kind == "stopped":
+            found.append(Mark("stopped", e["time"], last))
+        elif kind in ("checkpoint_quarantined", "checkpoint_set_aside", "checkpoints_set_aside"):
+            found.append(Mark("quarantine", e["time"], last))
+        elif kind in ("halted", "save_refused", "resume_refused"):
+            found.append(Mark("halted", e["time"], last))
+    return found
+
+
+def draw(run: Run, summary: dict[str, tp.Any], out: Path) -> None:
+    """One PNG: per stage a row of progress, loss, gradient norm, skipped steps, validation and the
+    stage's summary; written atomically to ``out``."""
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    names = list(run.stages)
+    fig = Figure(figsize=(18, 7.4 * len(names) + 0.9), layout="constrained")
+    fig.suptitle(f"radiodiff-resume report: {run.folder}", fontsize=13)
+    times = [r["time"] for st in run.stages.values() for r in st.train + st.val + st.events]
+    origin = min(times)
+    span = max(times) - origin
+    unit, scale = ("h", 3600.0) if span > 7200 else ("min", 60.0) if span > 120 else ("s", 1.0)
+
+    def clock(t: float) -> float:
+        return (t - origin) / scale
+
+    present = set()
+    subfigs = fig.subfigures(len(names), 1, squeeze=False)[:, 0]
+    for sf, name in zip(subfigs, names, strict=True):
+        stage, s = run.stages[name], summary["stages"][name]
+        sf.set_facecolor("0.97")
+        sf.suptitle(f"stage {name}", fontsize=12, fontweight="bold")
+        axes = sf.subplots(2, 3)
+        stage_marks = marks(stage, s)
+        present |= {m.kind for m in stage_marks}
+        present |= {"saved" for e in stage.events if e.get("event") == "checkpoint_saved"}
+        _draw_progress(axes[0][0], stage, s, stage_marks, clock, unit)
+        loss_ax = axes[0][1]
+        for ax in (axes[0][2], axes[1][0], axes[1][1]):
+            ax.sharex(loss_ax)
+        _draw_loss(loss_ax, stage, s)
+        _draw_grad_norm(axes[0][2], stage, name, run.config)
+        _draw_skipped(axes[1][0], stage)
+        _draw_validation(axes[1][1], stage)
+        for ax in (loss_ax, axes[0][2], axes[1][0], axes[1][1]):
+            _draw_marks(ax, stage_marks, lambda m: m.step)
+            _draw_saves(ax, stage, lambda e: e["step"])
+        _draw_text(axes[1][2], stage_lines(name, s))
+        for axis in (loss_ax.xaxis, axes[0][0].yaxis):
+            axis.set_major_locator(MaxNLocator(integer=True))
+    handles = [Line2D([], [], label=SAVE_LABEL, **SAVE_STYLE)] * ("saved" in present) + [
+        Line2D([], [], color=color, linestyle=ls, linewidth=width, label=label)
+        for kind, (label, color, ls, width) in MARKS.items() if kind in present]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=10,
+               title="event markers: vertical lines at the step (progress: the time) of the event; "
+                     "saves as triangles on the step axis", title_fontsize=10)
+    _save_atomic(fig, out)
+
+
+def _draw_progress(ax: tp.Any, stage: Stage, s: dict[str, tp.Any], stage_marks: list[Mark],
+                   clock: tp.Callable[[float], float], unit: str) -> None:
+    points = progress(stage)
+    cuts = sorted(r["time"] for r in s["restarts"])
+    segment: list[Point] = []
+    segments = [segment]
+    for p in points:
+        if cuts and p.time >= cuts[0]:
+            cuts.pop(0)
+            segment = []
+            segments.append(segment)
+        segment.append(p)
+    for i, seg in enumerate(x for x in segments if x):
+        ax.plot([clock(p.time) for p in seg], [p.step for p in seg], color="tab:gray", marker=".",
+                markersize=3, label="completed step" if i == 0 else None)
+    for i, r in enumerate(s["restarts"]):
+        ax.axvspan(clock(r["time"] - r["down_s"]), clock(r["time"]), color="tab:blue", alpha=0.12,
+                   label="down between processes" if i == 0 else None)
+    _draw_marks(ax, stage_marks, lambda m: clock(m.time))
+    _draw_saves(ax, stage, lambda e: clock(e["time"]))
+    ax.set(title="progress: step over wall time", xlabel=f"wall time since the run's first record ({unit})",
+           ylabel="step")
+    ax.legend(fontsize=8, loc="best")
+
+
+def _series(records: list[Record], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], v) for r in records if (v := _number(r.get(key))) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _draw_loss(ax: tp.Any, stage: Stage, s: dict[str, tp.Any]) -> None:
+    kept, discarded = timeline(stage.train)
+    ax.plot(*_series(kept, "loss"), marker=".", markersize=4, color="tab:blue", label="training loss")
+    if _series(discarded, "loss")[0]:
+        ax.plot(*_series(discarded, "loss"), label=DISCARDED_LABEL, **DISCARDED_STYLE)
+    bad = [r["step"] for r in kept if r.get("loss") is None]
+    if bad:
+        ax.plot(bad, [0.03] * len(bad), "X", color="tab:red", transform=ax.get_xaxis_transform(),
+                linestyle="none", label="non-finite loss")
+    log = _log_scale(ax, _series(kept + discarded, "loss")[1])
+    if s["rollbacks"]:
+        _headroom(ax, 0.15)
+    for r in s["rollbacks"]:
+        ax.annotate("", xy=(r["to_step"], 0.93), xytext=(r["step"], 0.93), xycoords=ax.get_xaxis_transform(),
+                    arrowprops={"arrowstyle": "->", "color": "tab:red", "linewidth": 1.4})
+    ax.set(title="training loss (mean over each log interval)", xlabel="step",
+           ylabel="loss (log scale)" if log else "loss")
+    ax.legend(fontsize=8, loc="best")
+
+
+def _draw_grad_norm(ax: tp.Any, stage: Stage, name: str, config: dict[str, tp.Any]) -> None:
+    kept, discarded = timeline(stage.train)
+    steps, norms = _series(kept, "grad_norm")
+    ax.set(title="gradient norm before clipping (mean over each log interval)", xlabel="step",
+           ylabel="norm")
+    if not steps:
+        ax.text(0.5, 0.5, "no grad_norm logged", ha="center", va="center", transform=ax.transAxes)
+        return
+    ax.plot(steps, norms, marker=".", markersize=4, color="tab:blue", label="gradient norm")
+    if _series(discarded, "grad_norm")[0]:
+        ax.plot(*_series(discarded, "grad_norm"), label=DISCARDED_LABEL, **DISCARDED_STYLE)
+    ceiling = _get(config, *STEPS_KEY.get(name, ("-",)), "max_grad_norm")
+    if _get(config, "guard", "clip", "mode") in ("zscore", "fixed") and _number(ceiling):
+        ax.axhline(ceiling, color="tab:red", linestyle="--", linewidth=1.2,
+                   label=f"clip ceiling (max_grad_norm {ceiling:g})")
+    adaptive = [(e["step"], t) for e in stage.events if e.get("event") == "grad_clipped"
+                and _step(e) is not None and (t := _number(e.get("threshold"))) is not None]
+    if adaptive:
+        ax.plot(*zip(*adaptive, strict=True), "v", color="tab:orange", linestyle="none", markersize=4,
+                label="adaptive clip threshold")
+    if _log_scale(ax, norms):
+        ax.set_ylabel("norm (log scale)")
+    ax.legend(fontsize=8, loc="best")
+
+
+def _draw_skipped(ax: tp.Any, stage: Stage) -> None:
+    skips = Counter((e["step"], str(e.get("reason"))) for e in stage.events
+                    if e.get("event") == "step_skipped" and _step(e) is not None)
+    batches = Counter()
+    for e in stage.events:
+        if e.get("event") == "batch_skipped" and _step(e) is not None:
+            batches[e["step"]] += int(_number(e.get("micro_batches")) or 0)
+    ax.set(title="skipped optimizer steps and micro-batches", xlabel="step (attempted)", ylabel="count")
+    if not skips and not batches:
+        ax.text(0.5, 0.5, "nothing skipped", ha="center", va="center", transform=ax.transAxes)
+        ax.set_yticks([])
+        return
+    bottom: Counter[int] = Counter()
+    for reason in sorted({r for _, r in skips}):
+        steps = sorted(st for st, r in skips if r == reason)
+        heights = [skips[(st, reason)] for st in steps]
+        ax.bar(steps, heights, bottom=[bottom[st] for st in steps], width=0.8,
+               label=f"step skipped: {reason}")
+        for st, h in zip(steps, heights, strict=True):
+            bottom[st] += h
+    if batches:
+        steps = sorted(batches)
+        ax.bar(steps, [batches[st] for st in steps], bottom=[bottom[st] for st in steps], width=0.8,
+               color="none", edgecolor="tab:brown", hatch="//", label="micro-batches left out")
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=8, loc="upper left")
+
+
+def _draw_validation(ax: tp.Any, stage: Stage) -> None:
+    kept, discarded = timeline(stage.val)
+    ax.set(title="validation metrics", xlabel="step", ylabel="rmse, nmse, ssim (symlog)")
+    keys = sorted({k for r in kept for k in r if k.startswith("val/") and k not in VAL_BOOKKEEPING})
+    if not kept:
+        ax.text(0.5, 0.5, "no validation logged", ha="center", va="center", transform=ax.transAxes)
+        return
+    handles = []
+    right = None
+    for k in keys:
+        steps, values = _series(kept, k)
+        if k == "val/psnr":
+            right = right or ax.twinx()
+            handles += right.plot(steps, values, marker="o", markersize=3, color="black",
+                                  label="psnr (dB, right)")
+            right.set_ylabel("psnr (dB)")
+        else:
+            handles += ax.plot(steps, values, marker="o", markersize=3, label=k.removeprefix("val/"))
+    for i, k in enumerate(k for k in keys if k != "val/psnr" and _series(discarded, k)[0]):
+        line = ax.plot(*_series(discarded, k), label=DISCARDED_LABEL, **DISCARDED_STYLE)
+        handles += line if i == 0 else []
+    invalid = [r["step"] for r in kept if r.get("val/valid") is False]
+    if invalid:
+        handles += ax.plot(invalid, [0.03] * len(invalid), "X", color="tab:red", linestyle="none",
+                           transform=ax.get_xaxis_transform(), label="invalid (no finite sample)")
+    ax.set_yscale("symlog", linthresh=1e-2)
+    for axis in (ax, right):
+        _headroom(axis, 0.45)
+    ax.legend(handles=handles, fontsize=8, loc="upper center", ncol=3)
+
+
+def _draw_text(ax: tp.Any, lines: list[str]) -> None:
+    ax.axis("off")
+    ax.text(0, 1, "\n".join(wrap(lines, 64)), va="top", ha="left", family="monospace", fontsize=8,
+            transform=ax.transAxes)
+
+
+def _draw_marks(ax: tp.Any, stage_marks: list[Mark], where: tp.Callable[[Mark], float]) -> None:
+    for m in stage_marks:
+        _, color, ls, width = MARKS[m.kind]
+        ax.axvline(where(m), color=color, linestyle=ls, linewidth=width, alpha=0.8)
+
+
+def _draw_saves(ax: tp.Any, stage: Stage, where: tp.Callable[[Record], float]) -> None:
+    saves = [where(e) for e in stage.events if e.get("event") == "checkpoint_saved" and _step(e) is not None]
+    if saves:
+        ax.plot(saves, [0.0] * len(saves), transform=ax.get_xaxis_transform(), clip_on=False, **SAVE_STYLE)
+
+
+def _log_scale(ax: tp.Any, values: list[float]) -> bool:
+    """A log y axis when every value is positive (whether it became one)."""
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+        return True
+    return False
+
+
+def _headroom(ax: tp.Any | None, fraction: float) -> None:
+    """Extend the y range upwards by ``fraction`` of its height (in the axis' scale), so that a legend
+    or arrows at the top cover no data."""
+    if ax is None:
+        return
+    ax.autoscale_view()
+    scale = ax.yaxis.get_transform()
+    lo, hi = scale.transform(list(ax.get_ylim()))
+    ax.set_ylim(*scale.inverted().transform([lo, hi + fraction * (hi - lo)]))
+
+
+def _save_atomic(fig: tp.Any, out: Path) -> None:
+    """Write aside in the same folder, then rename: a reader never sees a half-written PNG."""
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with tmp.open("xb") as f:  # "x": a new file, with the umask's permissions
+            fig.savefig(f, format="png", dpi=DPI)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out}: {exc.strerror} (choose another --out)") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ----- small helpers ---------------------------------------------------------------------------
+
+
+def _number(value: tp.Any) -> float | None:
+    """A finite number, else None (booleans are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _step(record: Record, key: str = "step") -> int | None:
+    value = record.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _get(mapping: tp.Any, *keys: str) -> tp.Any:
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+# ----- the command -----------------------------------------------------------------------------
+
+
+def report(run_dir: Path, out: Path | None = None) -> dict[str, tp.Any]:
+    """Read ``run_dir``, draw the PNG (default ``run_dir/report.png``) and return the summary."""
+    run = load_run(run_dir)
+    png = out if out is not None else run_dir / "report.png"
+    if not png.parent.is_dir():
+        raise UserError(f"cannot write {png}: {png.parent} is not a folder (choose another --out)")
+    summary = summarize(run)
+    draw(run, summary, png)
+    summary["png"] = str(png)
+    return summary
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    summary = report(args.run_dir, args.out)
+    print(json.dumps(summary, indent=2, allow_nan=False) if args.json else format_text(summary), flush=True)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``report`` to the CLI's sub-commands."""
+    parser = sub.add_parser(
+        "report", help="draw a run's health in one PNG and print a short summary",
+        description="Draw a run's health in one PNG — progress over wall time, training loss, gradient norm "
+                    "with the clip threshold, skipped steps, validation metrics, with saves, restarts, "
+                    "stops, rollbacks, quarantines and halts marked — and print what it counted: steps "
+                    "done, time and steps lost to restarts and rollbacks, events by kind, last validation. "
+                    "Covers the LDM and, when present, the first stage (first_stage/). Reads the run's "
+                    "files only; safe on a live run.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", type=Path,
+                        help="the run's results folder (trainer.results_folder)")
+    parser.add_argument("--out", metavar="PNG", type=Path, default=None,
+                        help="where to write the PNG (default: RUN_DIR/report.png); written atomically")
+    parser.add_argument("--json", action="store_true",
+                        help="print the summary as one JSON document instead of text")
+    parser.set_defaults(func=cmd_report)

@@ -1,0 +1,46 @@
+"""One real 4-step run (checkpoints at steps 2 and 4) shared by the tool tests; each test works on
+its own copy of it, with the run's own config as a YAML file."""
+
+from __future__ import annotations
+
+import shutil
+import typing as tp
+from pathlib import Path
+
+import pytest
+
+from radiodiff_resume.config import build_config, to_yaml
+from tests.checkpoint.helpers import GOLDEN, sha256_file, torch_threads, train_golden
+from tests.conftest import tiny_raw
+
+
+@pytest.fixture(scope="package")
+def tool_golden(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Path:
+    results = tmp_path_factory.mktemp("tool-golden") / "run"
+    with torch_threads(1):
+        train_golden(results, synth_cache)
+    return results
+
+
+@pytest.fixture
+def tool_run(tmp_path: Path, tool_golden: Path, synth_cache: Path) -> tp.Callable[..., Path]:
+    """``tool_run(*overrides)`` → the YAML config of a private copy of the golden run (checkpoints and
+    first-stage weights), with the overrides applied."""
+
+    def make(*overrides: str) -> Path:
+        results = tmp_path / "run"
+        if not results.exists():
+            results.mkdir()
+            shutil.copytree(tool_golden / "checkpoints", results / "checkpoints")
+            shutil.copy2(tool_golden / "ae.safetensors", results / "ae.safetensors")
+        cfg = tmp_path / "run.yaml"
+        cfg.write_text(to_yaml(build_config(tiny_raw(results, synth_cache), [*GOLDEN, *overrides])))
+        return cfg
+
+    return make
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every path under ``folder`` with its SHA-256 (files) or ``dir``: equal trees, byte for byte."""
+    return {str(p.relative_to(folder)): sha256_file(p) if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
