@@ -74,11 +74,11 @@ class LoopConfig:
     use_ema: bool = True
     """Keep an exponential moving average of the trainable weights."""
     ema_decay: float = 0.999
-    """EMA decay."""
+    """EMA decay: the cap of the power-2/3 warm-up (RadioDiff's ``beta``)."""
     ema_update_after_step: int = 0
-    """Start updating the EMA after this many steps."""
+    """Optimizer steps during which the EMA copies the online weights (as in RadioDiff)."""
     ema_update_every: int = 1
-    """Update the EMA every this many steps."""
+    """Update the EMA every this many optimizer steps (as in RadioDiff)."""
     val_batches: int = 2
     """Validation batches per process at each validation (0 disables validation)."""
     num_sample_images: int = 4

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -35,6 +34,7 @@ from radiodiff_resume.images import save_grid
 from radiodiff_resume.slurm.budget import StopBudget
 from radiodiff_resume.slurm.environment import job_id
 from radiodiff_resume.slurm.signals import STOP
+from radiodiff_resume.trainer.ema import RadioDiffEMA, first_average
 from radiodiff_resume.trainer.runlog import RunLog
 from radiodiff_resume.trainer.state import TrainState, capture_rng, derive_seed, restore_rng
 from radiodiff_resume.trainer.validation import ValidationResult, evaluate
@@ -246,7 +246,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if outcome.stepped:
             self.lr_schedule.step()
-            if self.ema is not None and (self.state.step + 1) % self.loop.ema_update_every == 0:
+            if self.ema is not None:
                 self.ema.step(self.params)
         self.state.samples_seen += (
             self.batch_size * self.loop.gradient_accumulate_every * self.accelerator.num_processes
@@ -513,10 +513,17 @@ class Trainer:
             if saved is not None:
                 stats.restore(saved)
 
-    def new_ema(self) -> EMAModel:
+    def new_ema(self) -> RadioDiffEMA:
         """An EMA of the trainable parameters as they are now, with the loop's settings."""
         loop = self.loop
-        return EMAModel(self.params, decay=loop.ema_decay, update_after_step=loop.ema_update_after_step)
+        first = first_average(loop.ema_update_after_step, loop.ema_update_every)
+        if first > loop.train_num_steps:
+            logger.warning(
+                "%s: with ema_update_after_step=%d and ema_update_every=%d the EMA first averages after step "
+                "%d, beyond train_num_steps=%d: the EMA weights will be a copy of the online weights",
+                self.stage, loop.ema_update_after_step, loop.ema_update_every, first, loop.train_num_steps)
+        return RadioDiffEMA(self.params, decay=loop.ema_decay, update_after_step=loop.ema_update_after_step,
+                            update_every=loop.ema_update_every)
 
     # ----- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, tp.Any]:
@@ -561,6 +568,7 @@ class Trainer:
         if self.ema is not None:
             self.ema.decay = self.loop.ema_decay
             self.ema.update_after_step = self.loop.ema_update_after_step
+            self.ema.update_every = self.loop.ema_update_every
 
     def _load_data_position(self, data: tp.Mapping[str, int]) -> None:
         if data["offset"] > self.train_stream.n:
@@ -584,11 +592,13 @@ class Trainer:
             if main:
                 logger.warning("%s: the checkpoint has no EMA (saved with use_ema false); the EMA starts "
                                "from the restored weights", self.stage)
-            return
-        self.ema.load_state_dict(dict(saved))
-        # load_state_dict keeps the tensors where they were read (the CPU); ema.step needs them
-        # beside the parameters (a GPU resume would otherwise fail on its first step).
-        self.ema.to(device=self.accelerator.device)
+        else:
+            self.ema.load_state_dict(dict(saved))
+            # load_state_dict keeps the tensors where they were read (the CPU); ema.step needs them
+            # beside the parameters (a GPU resume would otherwise fail on its first step).
+            self.ema.to(device=self.accelerator.device)
+        # It counts optimizer steps (checkpoints written before this counted EMA updates).
+        self.ema.optimization_step = self.state.step
 
     def _load_guard(self, saved: tp.Mapping[str, tp.Any] | None) -> None:
         if saved is not None:
