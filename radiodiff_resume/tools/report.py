@@ -15,9 +15,7 @@ import argparse
 import bisect
 import json
 import math
-import os
 import re
-import secrets
 import textwrap
 import typing as tp
 from collections import Counter
@@ -76,7 +74,7 @@ def read_jsonl(path: Path) -> Lines:
         except ValueError:
             bad += 1
             continue
-        if isinstance(value, dict) and _number(value.get("time")) is not None:
+        if isinstance(value, dict) and finite_number(value.get("time")) is not None:
             records.append(value)
         else:
             bad += 1
@@ -165,13 +163,15 @@ def _read_json(path: Path) -> tp.Any:
 
 def _requeues(run_dir: Path, config: dict[str, tp.Any]) -> dict[str, int] | None:
     """Requeues summed over the SLURM jobs whose ledgers lie in the log folder; None without any."""
-    log_folder = _get(config, "slurm", "log_folder")
+    log_folder = dig(config, "slurm", "log_folder")
     folder = Path(log_folder) if isinstance(log_folder, str) else run_dir / "slurm"
     ledgers = [d for p in sorted(folder.glob(f"*/{REQUEUES}")) if isinstance(d := _read_json(p), dict)]
     if not ledgers:
         return None
-    return {"jobs": len(ledgers), "timeouts": sum(int(_number(d.get("timeouts")) or 0) for d in ledgers),
-            "other": sum(int(_number(d.get("other")) or 0) for d in ledgers)}
+    def total(key: str) -> int:
+        return sum(int(finite_number(d.get(key)) or 0) for d in ledgers)
+
+    return {"jobs": len(ledgers), "timeouts": total("timeouts"), "other": total("other")}
 
 
 def _crash_loops(run_dir: Path, folders: list[Path]) -> dict[str, dict[str, int]]:
@@ -197,12 +197,12 @@ class Point:
 
 def progress(stage: Stage) -> list[Point]:
     """Every record that tells the completed step, by time."""
-    points = [Point(r["time"], r["step"]) for r in stage.train + stage.val if _step(r) is not None]
+    points = [Point(r["time"], r["step"]) for r in stage.train + stage.val if step_of(r) is not None]
     for e in stage.events:
-        step, kind = _step(e), e.get("event")
+        step, kind = step_of(e), e.get("event")
         if kind == "fresh_start":
             points.append(Point(e["time"], 0))
-        elif kind == "rolled_back" and _step(e, "to_step") is not None:
+        elif kind == "rolled_back" and step_of(e, "to_step") is not None:
             points.append(Point(e["time"], e["to_step"]))
         elif step is not None and kind in DONE_AT_STEP:
             points.append(Point(e["time"], step))
@@ -217,7 +217,7 @@ def timeline(records: list[Record]) -> tuple[list[Record], list[Record]]:
     kept: list[Record] = []
     discarded: list[Record] = []
     for r in records:
-        if _step(r) is None:
+        if step_of(r) is None:
             continue
         while kept and kept[-1]["step"] >= r["step"]:
             discarded.append(kept.pop())
@@ -238,7 +238,7 @@ def restarts(stage: Stage, points: list[Point], target: int | None) -> list[dict
         before = _before(points, e["time"])
         if not before:
             continue  # the stage's first process
-        to_step = (_step(e) or 0) if kind == "resumed" else 0
+        to_step = (step_of(e) or 0) if kind == "resumed" else 0
         last = before[-1]
         found.append({
             "time": e["time"], "to_step": to_step, "from_step": last.step, "fresh": kind == "fresh_start",
@@ -274,7 +274,7 @@ def _redone_s(before: list[Point], to_step: int, until: float) -> float:
 def rollbacks(stage: Stage, points: list[Point]) -> list[dict[str, tp.Any]]:
     found = []
     for i, e in enumerate(stage.events):
-        step, to_step = _step(e), _step(e, "to_step")
+        step, to_step = step_of(e), step_of(e, "to_step")
         if e.get("event") != "rolled_back" or step is None or to_step is None:
             continue
         reload = stage.events[i - 1] if i and stage.events[i - 1].get("event") == "resumed" else e
@@ -311,7 +311,7 @@ def halts(stage: Stage) -> list[dict[str, tp.Any]]:
             why = f"non-finite {', '.join(map(str, e['nonfinite'][:3]))}"
         elif why is None and e.get("probe"):
             why = f"non-finite probe {e['probe']}"
-        found.append({"time": e["time"], "kind": kind, "step": _step(e), "why": _first_failure(why)})
+        found.append({"time": e["time"], "kind": kind, "step": step_of(e), "why": _first_failure(why)})
     return found
 
 
@@ -327,7 +327,7 @@ def _first_failure(reason: tp.Any) -> str | None:
 def stage_summary(stage: Stage, config: dict[str, tp.Any]) -> dict[str, tp.Any]:
     points = progress(stage)
     kinds = Counter(str(e.get("event")) for e in stage.events)
-    target = _get(config, *STEPS_KEY.get(stage.name, ("-",)), "train_num_steps")
+    target = dig(config, *STEPS_KEY.get(stage.name, ("-",)), "train_num_steps")
     target = target if isinstance(target, int) else None
     back = restarts(stage, points, target)
     rolled = rollbacks(stage, points)
@@ -339,7 +339,7 @@ def stage_summary(stage: Stage, config: dict[str, tp.Any]) -> dict[str, tp.Any]:
     last = train[-1] if train else {}
     down = round(sum(r["down_s"] for r in back), 3)
     redone_s = round(sum(r["redone_s"] for r in back + rolled), 3)
-    skipped_batches = sum(int(_number(e.get("micro_batches")) or 0)
+    skipped_batches = sum(int(finite_number(e.get("micro_batches")) or 0)
                           for e in stage.events if e.get("event") == "batch_skipped")
     stops = Counter(str(e.get("reason")) for e in stage.events if e.get("event") == "stopped")
     return {
@@ -497,305 +497,22 @@ def format_text(summary: dict[str, tp.Any]) -> str:
     return "\n".join(lines)
 
 
-# ----- the picture -----------------------------------------------------------------------------
-
-MARKS = {
-    "stopped": ("stop (preemption, signal)", "tab:orange", "-", 1.4),
-    "restart": ("restart (new process)", "tab:blue", "--", 1.4),
-    "rolled_back": ("rollback (arrow: steps redone)", "tab:red", "-.", 1.4),
-    "quarantine": ("checkpoint quarantined / set aside", "tab:purple", ":", 2.6),
-    "halted": ("halt, refused save / resume", "black", "-", 1.4),
-}
-"""Event kind → legend label, colour, line style and width of its vertical line."""
-SAVE_STYLE = {"marker": "^", "color": "tab:green", "markersize": 6, "linestyle": "none"}
-SAVE_LABEL = "checkpoint saved"
-DISCARDED_STYLE = {"marker": "x", "color": "0.6", "linestyle": "none", "markersize": 4}
-DISCARDED_LABEL = "logged, then redone"
-DPI = 72
-
-
-@dataclass
-class Mark:
-    kind: str
-    time: float
-    step: int
-
-
-def marks(stage: Stage, summary: dict[str, tp.Any]) -> list[Mark]:
-    """The events drawn as vertical lines, each at the step (and time) it concerns."""
-    found = [Mark("restart", r["time"], r["to_step"]) for r in summary["restarts"]]
-    found += [Mark("rolled_back", r["time"], r["step"]) for r in summary["rollbacks"]]
-    last = 0
-    for e in stage.events:
-        kind, step = e.get("event"), _step(e)
-        folder = STEP_FOLDER.fullmatch(Path(str(e.get("path", ""))).name)
-        if step is None and folder:
-            step = int(folder.group(1))
-        last = step if step is not None else last
-        if kind == "stopped":
-            found.append(Mark("stopped", e["time"], last))
-        elif kind in ("checkpoint_quarantined", "checkpoint_set_aside", "checkpoints_set_aside"):
-            found.append(Mark("quarantine", e["time"], last))
-        elif kind in ("halted", "save_refused", "resume_refused"):
-            found.append(Mark("halted", e["time"], last))
-    return found
-
-
-def draw(run: Run, summary: dict[str, tp.Any], out: Path) -> None:
-    """One PNG: per stage a row of progress, loss, gradient norm, skipped steps, validation and the
-    stage's summary; written atomically to ``out``."""
-    from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.ticker import MaxNLocator
-
-    names = list(run.stages)
-    fig = Figure(figsize=(18, 7.4 * len(names) + 0.9), layout="constrained")
-    fig.suptitle(f"radiodiff-resume report: {run.folder}", fontsize=13)
-    times = [r["time"] for st in run.stages.values() for r in st.train + st.val + st.events]
-    origin = min(times)
-    span = max(times) - origin
-    unit, scale = ("h", 3600.0) if span > 7200 else ("min", 60.0) if span > 120 else ("s", 1.0)
-
-    def clock(t: float) -> float:
-        return (t - origin) / scale
-
-    present = set()
-    subfigs = fig.subfigures(len(names), 1, squeeze=False)[:, 0]
-    for sf, name in zip(subfigs, names, strict=True):
-        stage, s = run.stages[name], summary["stages"][name]
-        sf.set_facecolor("0.97")
-        sf.suptitle(f"stage {name}", fontsize=12, fontweight="bold")
-        axes = sf.subplots(2, 3)
-        stage_marks = marks(stage, s)
-        present |= {m.kind for m in stage_marks}
-        present |= {"saved" for e in stage.events if e.get("event") == "checkpoint_saved"}
-        _draw_progress(axes[0][0], stage, s, stage_marks, clock, unit)
-        loss_ax = axes[0][1]
-        for ax in (axes[0][2], axes[1][0], axes[1][1]):
-            ax.sharex(loss_ax)
-        _draw_loss(loss_ax, stage, s)
-        _draw_grad_norm(axes[0][2], stage, name, run.config)
-        _draw_skipped(axes[1][0], stage)
-        _draw_validation(axes[1][1], stage)
-        for ax in (loss_ax, axes[0][2], axes[1][0], axes[1][1]):
-            _draw_marks(ax, stage_marks, lambda m: m.step)
-            _draw_saves(ax, stage, lambda e: e["step"])
-        _draw_text(axes[1][2], stage_lines(name, s))
-        for axis in (loss_ax.xaxis, axes[0][0].yaxis):
-            axis.set_major_locator(MaxNLocator(integer=True))
-    handles = [Line2D([], [], label=SAVE_LABEL, **SAVE_STYLE)] * ("saved" in present) + [
-        Line2D([], [], color=color, linestyle=ls, linewidth=width, label=label)
-        for kind, (label, color, ls, width) in MARKS.items() if kind in present]
-    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=10,
-               title="event markers: vertical lines at the step (progress: the time) of the event; "
-                     "saves as triangles on the step axis", title_fontsize=10)
-    _save_atomic(fig, out)
-
-
-def _draw_progress(ax: tp.Any, stage: Stage, s: dict[str, tp.Any], stage_marks: list[Mark],
-                   clock: tp.Callable[[float], float], unit: str) -> None:
-    points = progress(stage)
-    cuts = sorted(r["time"] for r in s["restarts"])
-    segment: list[Point] = []
-    segments = [segment]
-    for p in points:
-        if cuts and p.time >= cuts[0]:
-            cuts.pop(0)
-            segment = []
-            segments.append(segment)
-        segment.append(p)
-    for i, seg in enumerate(x for x in segments if x):
-        ax.plot([clock(p.time) for p in seg], [p.step for p in seg], color="tab:gray", marker=".",
-                markersize=3, label="completed step" if i == 0 else None)
-    for i, r in enumerate(s["restarts"]):
-        ax.axvspan(clock(r["time"] - r["down_s"]), clock(r["time"]), color="tab:blue", alpha=0.12,
-                   label="down between processes" if i == 0 else None)
-    _draw_marks(ax, stage_marks, lambda m: clock(m.time))
-    _draw_saves(ax, stage, lambda e: clock(e["time"]))
-    ax.set(title="progress: step over wall time", xlabel=f"wall time since the run's first record ({unit})",
-           ylabel="step")
-    ax.legend(fontsize=8, loc="best")
-
-
-def _series(records: list[Record], key: str) -> tuple[list[int], list[float]]:
-    pts = [(r["step"], v) for r in records if (v := _number(r.get(key))) is not None]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _draw_loss(ax: tp.Any, stage: Stage, s: dict[str, tp.Any]) -> None:
-    kept, discarded = timeline(stage.train)
-    ax.plot(*_series(kept, "loss"), marker=".", markersize=4, color="tab:blue", label="training loss")
-    if _series(discarded, "loss")[0]:
-        ax.plot(*_series(discarded, "loss"), label=DISCARDED_LABEL, **DISCARDED_STYLE)
-    bad = [r["step"] for r in kept if r.get("loss") is None]
-    if bad:
-        ax.plot(bad, [0.03] * len(bad), "X", color="tab:red", transform=ax.get_xaxis_transform(),
-                linestyle="none", label="non-finite loss")
-    log = _log_scale(ax, _series(kept + discarded, "loss")[1])
-    if s["rollbacks"]:
-        _headroom(ax, 0.15)
-    for r in s["rollbacks"]:
-        ax.annotate("", xy=(r["to_step"], 0.93), xytext=(r["step"], 0.93), xycoords=ax.get_xaxis_transform(),
-                    arrowprops={"arrowstyle": "->", "color": "tab:red", "linewidth": 1.4})
-    ax.set(title="training loss (mean over each log interval)", xlabel="step",
-           ylabel="loss (log scale)" if log else "loss")
-    ax.legend(fontsize=8, loc="best")
-
-
-def _draw_grad_norm(ax: tp.Any, stage: Stage, name: str, config: dict[str, tp.Any]) -> None:
-    kept, discarded = timeline(stage.train)
-    steps, norms = _series(kept, "grad_norm")
-    ax.set(title="gradient norm before clipping (mean over each log interval)", xlabel="step",
-           ylabel="norm")
-    if not steps:
-        ax.text(0.5, 0.5, "no grad_norm logged", ha="center", va="center", transform=ax.transAxes)
-        return
-    ax.plot(steps, norms, marker=".", markersize=4, color="tab:blue", label="gradient norm")
-    if _series(discarded, "grad_norm")[0]:
-        ax.plot(*_series(discarded, "grad_norm"), label=DISCARDED_LABEL, **DISCARDED_STYLE)
-    ceiling = _get(config, *STEPS_KEY.get(name, ("-",)), "max_grad_norm")
-    if _get(config, "guard", "clip", "mode") in ("zscore", "fixed") and _number(ceiling):
-        ax.axhline(ceiling, color="tab:red", linestyle="--", linewidth=1.2,
-                   label=f"clip ceiling (max_grad_norm {ceiling:g})")
-    adaptive = [(e["step"], t) for e in stage.events if e.get("event") == "grad_clipped"
-                and _step(e) is not None and (t := _number(e.get("threshold"))) is not None]
-    if adaptive:
-        ax.plot(*zip(*adaptive, strict=True), "v", color="tab:orange", linestyle="none", markersize=4,
-                label="adaptive clip threshold")
-    if _log_scale(ax, norms):
-        ax.set_ylabel("norm (log scale)")
-    ax.legend(fontsize=8, loc="best")
-
-
-def _draw_skipped(ax: tp.Any, stage: Stage) -> None:
-    skips = Counter((e["step"], str(e.get("reason"))) for e in stage.events
-                    if e.get("event") == "step_skipped" and _step(e) is not None)
-    batches = Counter()
-    for e in stage.events:
-        if e.get("event") == "batch_skipped" and _step(e) is not None:
-            batches[e["step"]] += int(_number(e.get("micro_batches")) or 0)
-    ax.set(title="skipped optimizer steps and micro-batches", xlabel="step (attempted)", ylabel="count")
-    if not skips and not batches:
-        ax.text(0.5, 0.5, "nothing skipped", ha="center", va="center", transform=ax.transAxes)
-        ax.set_yticks([])
-        return
-    bottom: Counter[int] = Counter()
-    for reason in sorted({r for _, r in skips}):
-        steps = sorted(st for st, r in skips if r == reason)
-        heights = [skips[(st, reason)] for st in steps]
-        ax.bar(steps, heights, bottom=[bottom[st] for st in steps], width=0.8,
-               label=f"step skipped: {reason}")
-        for st, h in zip(steps, heights, strict=True):
-            bottom[st] += h
-    if batches:
-        steps = sorted(batches)
-        ax.bar(steps, [batches[st] for st in steps], bottom=[bottom[st] for st in steps], width=0.8,
-               color="none", edgecolor="tab:brown", hatch="//", label="micro-batches left out")
-    ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=8, loc="upper left")
-
-
-def _draw_validation(ax: tp.Any, stage: Stage) -> None:
-    kept, discarded = timeline(stage.val)
-    ax.set(title="validation metrics", xlabel="step", ylabel="rmse, nmse, ssim (symlog)")
-    keys = sorted({k for r in kept for k in r if k.startswith("val/") and k not in VAL_BOOKKEEPING})
-    if not kept:
-        ax.text(0.5, 0.5, "no validation logged", ha="center", va="center", transform=ax.transAxes)
-        return
-    handles = []
-    right = None
-    for k in keys:
-        steps, values = _series(kept, k)
-        if k == "val/psnr":
-            right = right or ax.twinx()
-            handles += right.plot(steps, values, marker="o", markersize=3, color="black",
-                                  label="psnr (dB, right)")
-            right.set_ylabel("psnr (dB)")
-        else:
-            handles += ax.plot(steps, values, marker="o", markersize=3, label=k.removeprefix("val/"))
-    for i, k in enumerate(k for k in keys if k != "val/psnr" and _series(discarded, k)[0]):
-        line = ax.plot(*_series(discarded, k), label=DISCARDED_LABEL, **DISCARDED_STYLE)
-        handles += line if i == 0 else []
-    invalid = [r["step"] for r in kept if r.get("val/valid") is False]
-    if invalid:
-        handles += ax.plot(invalid, [0.03] * len(invalid), "X", color="tab:red", linestyle="none",
-                           transform=ax.get_xaxis_transform(), label="invalid (no finite sample)")
-    ax.set_yscale("symlog", linthresh=1e-2)
-    for axis in (ax, right):
-        _headroom(axis, 0.45)
-    ax.legend(handles=handles, fontsize=8, loc="upper center", ncol=3)
-
-
-def _draw_text(ax: tp.Any, lines: list[str]) -> None:
-    ax.axis("off")
-    ax.text(0, 1, "\n".join(wrap(lines, 64)), va="top", ha="left", family="monospace", fontsize=8,
-            transform=ax.transAxes)
-
-
-def _draw_marks(ax: tp.Any, stage_marks: list[Mark], where: tp.Callable[[Mark], float]) -> None:
-    for m in stage_marks:
-        _, color, ls, width = MARKS[m.kind]
-        ax.axvline(where(m), color=color, linestyle=ls, linewidth=width, alpha=0.8)
-
-
-def _draw_saves(ax: tp.Any, stage: Stage, where: tp.Callable[[Record], float]) -> None:
-    saves = [where(e) for e in stage.events if e.get("event") == "checkpoint_saved" and _step(e) is not None]
-    if saves:
-        ax.plot(saves, [0.0] * len(saves), transform=ax.get_xaxis_transform(), clip_on=False, **SAVE_STYLE)
-
-
-def _log_scale(ax: tp.Any, values: list[float]) -> bool:
-    """A log y axis when every value is positive (whether it became one)."""
-    if values and min(values) > 0:
-        ax.set_yscale("log")
-        return True
-    return False
-
-
-def _headroom(ax: tp.Any | None, fraction: float) -> None:
-    """Extend the y range upwards by ``fraction`` of its height (in the axis' scale), so that a legend
-    or arrows at the top cover no data."""
-    if ax is None:
-        return
-    ax.autoscale_view()
-    scale = ax.yaxis.get_transform()
-    lo, hi = scale.transform(list(ax.get_ylim()))
-    ax.set_ylim(*scale.inverted().transform([lo, hi + fraction * (hi - lo)]))
-
-
-def _save_atomic(fig: tp.Any, out: Path) -> None:
-    """Write aside in the same folder, then rename: a reader never sees a half-written PNG."""
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with tmp.open("xb") as f:  # "x": a new file, with the umask's permissions
-            fig.savefig(f, format="png", dpi=DPI)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {out}: {exc.strerror} (choose another --out)") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 # ----- small helpers ---------------------------------------------------------------------------
 
 
-def _number(value: tp.Any) -> float | None:
+def finite_number(value: tp.Any) -> float | None:
     """A finite number, else None (booleans are not numbers here)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
 
 
-def _step(record: Record, key: str = "step") -> int | None:
+def step_of(record: Record, key: str = "step") -> int | None:
     value = record.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _get(mapping: tp.Any, *keys: str) -> tp.Any:
+def dig(mapping: tp.Any, *keys: str) -> tp.Any:
     for key in keys:
         if not isinstance(mapping, dict):
             return None
@@ -813,6 +530,8 @@ def report(run_dir: Path, out: Path | None = None) -> dict[str, tp.Any]:
     if not png.parent.is_dir():
         raise UserError(f"cannot write {png}: {png.parent} is not a folder (choose another --out)")
     summary = summarize(run)
+    from radiodiff_resume.tools.report_plot import draw  # matplotlib only when drawing
+
     draw(run, summary, png)
     summary["png"] = str(png)
     return summary
