@@ -21,6 +21,7 @@ from radiodiff_resume.config import Config, PluginConfig, get_target
 from radiodiff_resume.data.radiomapseer import RadioMapSeer
 from radiodiff_resume.data.synthetic import ensure_synthetic
 from radiodiff_resume.errors import ConfigError, UserError
+from radiodiff_resume.models.const_sde import ConstantSDE
 from radiodiff_resume.models.ldm import ConditionalLDM
 
 logger = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ def build_datasets(cfg: Config, root: Path | None) -> tuple[Dataset, Dataset]:
     assert root is not None, "dataset_root() must be resolved for the built-in dataset"
     common = dict(
         root=root, image_size=d.image_size, val_fraction=d.val_fraction,
-        split_seed=d.split_seed, simulation=d.simulation,
+        split_seed=d.split_seed, simulation=d.simulation, split_mode=d.split,
     )
     return (
         RadioMapSeer(split="train", max_samples=d.max_train_samples, **common),
@@ -158,9 +159,11 @@ def build_ldm(cfg: Config, first_stage: nn.Module) -> ConditionalLDM:
         in_channels=3, downsample=downsample,
     )
     cond_channels = _out_channels(cond_encoder, cfg.data.image_size)
+    radiodiff = m.objective == "radiodiff"
     unet = instantiate(
         "model.unet", m.unet.target, m.unet.params,
-        sample_size=height, in_channels=channels + cond_channels, out_channels=channels,
+        sample_size=height, in_channels=channels + cond_channels,
+        out_channels=2 * channels if radiodiff else channels,  # radiodiff: drift C and noise
     )
     scheduler = DDPMScheduler(
         num_train_timesteps=m.timesteps,
@@ -176,6 +179,8 @@ def build_ldm(cfg: Config, first_stage: nn.Module) -> ConditionalLDM:
         first_stage, unet, cond_encoder, scheduler, (channels, height, width),
         scale_factor=m.scale_factor, loss_type=m.loss_type,
         sampling_timesteps=m.sampling_timesteps,
+        const_sde=ConstantSDE(eps=m.eps, loss_type=m.loss_type, weighting_loss=m.weighting_loss,
+                              use_l1=m.use_l1) if radiodiff else None,
     )
 
 

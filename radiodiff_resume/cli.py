@@ -16,7 +16,7 @@ import typing as tp
 from radiodiff_resume.errors import HaltError, StopRequested, UserError
 from radiodiff_resume.slurm.environment import export_torch_env
 from radiodiff_resume.slurm.signals import STOP
-from radiodiff_resume.tools import doctor, dry_run, importer, report
+from radiodiff_resume.tools import convert_config, doctor, dry_run, importer, report
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3
@@ -98,6 +98,7 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
     dry_run.register(sub)
     doctor.register(sub)
     report.register(sub)
+    convert_config.register(sub)
     args = parser.parse_args(argv)
     return run_command(args.func, args)
 

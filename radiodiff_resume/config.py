@@ -34,6 +34,9 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LDM_LOSSES = ("l2", "l1")
+OBJECTIVES = ("ddpm", "radiodiff")
+SPLITS = ("maps", "radiodiff")
+LR_SCHEDULES = ("radiodiff", "cosine")
 RECON_LOSSES = ("charbonnier", "l1")
 CLIP_MODES = ("zscore", "agc", "fixed", "none")
 NONFINITE_GRADS = ("skip", "scrub")
@@ -59,12 +62,21 @@ class LoopConfig:
     """Micro-batches accumulated per optimizer step."""
     lr: float = 5e-5
     """Peak learning rate (AdamW)."""
+    lr_schedule: str = "radiodiff"
+    """``radiodiff``: LR = ``lr`` × max((1 − step/train_num_steps) ** ``lr_decay_power``, ``min_lr``),
+    as in RadioDiff. ``cosine``: cosine decay from ``lr`` to the absolute ``final_lr``."""
     min_lr: float = 5e-6
-    """Learning rate at the end of the cosine decay."""
+    """``radiodiff`` schedule: floor of the LR *multiplier* (as in RadioDiff, where the end LR is
+    ``lr × min_lr``)."""
+    lr_decay_power: float = 0.96
+    """``radiodiff`` schedule: the exponent (RadioDiff hard-codes 0.96 for the LDM, 0.95 for the
+    first stage)."""
+    final_lr: float = 0.0
+    """``cosine`` schedule: the learning rate at ``train_num_steps``."""
     lr_warmup_steps: int = 0
-    """Linear warm-up steps before the cosine decay."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Linear warm-up steps before either schedule (RadioDiff has none: 0)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (RadioDiff's default)."""
     max_grad_norm: float | None = 1.0
     """Clip gradients to this total norm; null disables clipping."""
     save_and_sample_every: int = 1000
@@ -133,12 +145,19 @@ class DataConfig:
     """Which ``gain/<simulation>`` maps are the targets."""
     image_size: int = 256
     """Side the maps are resized to before training."""
-    batch_size: int = 8
-    """Batch size per process (RadioDiff: ``data.batch_size``)."""
+    batch_size: int | None = 8
+    """The global batch of one micro-step, split across the processes (as in RadioDiff, whose
+    Accelerator has ``split_batches=True``); null when ``batch_size_per_process`` is set."""
+    batch_size_per_process: int | None = None
+    """Instead of ``batch_size``: what each process loads (the global batch then grows with the
+    number of processes)."""
+    split: str = "maps"
+    """``maps``: a seeded map-level split by ``val_fraction`` / ``split_seed``. ``radiodiff``:
+    RadioDiff's fixed split of RadioMapSeer's maps (so validation numbers compare with the paper)."""
     val_fraction: float = 0.1
-    """Fraction of maps (not samples) held out for validation."""
+    """Fraction of maps (not samples) held out for validation (``split: maps``)."""
     split_seed: int = 0
-    """Seed of the map-level train/val split."""
+    """Seed of the map-level train/val split (``split: maps``)."""
     max_train_samples: int | None = None
     """Use only the first N training samples (null: all)."""
     max_val_samples: int | None = None
@@ -188,9 +207,10 @@ class FirstStageConfig:
     train_if_missing: bool = False
     """Train the first stage first when ``ckpt_path`` does not exist yet."""
     batch_size: int | None = None
-    """Batch size of first-stage training (null: ``data.batch_size``)."""
+    """Global batch of first-stage training, split like ``data.batch_size`` (null: the data's)."""
     loss: FirstStageLossConfig = field(default_factory=FirstStageLossConfig)
-    trainer: LoopConfig = field(default_factory=lambda: LoopConfig(use_ema=False, lr=1e-4))
+    trainer: LoopConfig = field(default_factory=lambda: LoopConfig(
+        use_ema=False, lr=1e-4, lr_decay_power=0.95, weight_decay=0.0))
     """Loop settings of first-stage training."""
 
 
@@ -222,20 +242,35 @@ class ModelConfig:
     """Denoiser; called with ``sample_size``, ``in_channels``, ``out_channels`` added."""
     cond_encoder: PluginConfig = field(default_factory=_default_cond_encoder)
     """Condition encoder; called with ``in_channels`` and ``downsample`` added."""
+    objective: str = "ddpm"
+    """``ddpm``: DDPM loss, DDIM sampling. ``radiodiff``: RadioDiff's decoupled constant-SDE diffusion
+    (continuous time, the denoiser predicts drift and noise with twice the latent channels); it
+    ignores ``timesteps``, ``beta_schedule`` and ``prediction_type``."""
     timesteps: int = 1000
     """Diffusion steps of the DDPM noise schedule."""
     sampling_timesteps: int = 50
-    """DDIM steps when sampling."""
+    """DDIM steps when sampling (``radiodiff``: steps from t=1 to ``eps``, plus one to 0)."""
     beta_schedule: str = "linear"
     """DDPM beta schedule."""
     prediction_type: str = "epsilon"
     """What the denoiser predicts."""
     loss_type: str = "l2"
     """``l2`` or ``l1``."""
+    eps: float = 1e-4
+    """``radiodiff`` only: smallest training time and the time of the last sampling step."""
+    weighting_loss: bool = True
+    """``radiodiff`` only: RadioDiff's time weighting of the drift and noise loss terms."""
+    use_l1: bool = True
+    """``radiodiff`` only: average the ``loss_type`` terms with the same terms in L1."""
     scale_factor: float = 1.0
-    """Latent scale (used as is unless ``scale_by_std``)."""
+    """Latent scale used when ``scale_by_std`` and ``default_scale`` are both true (as in RadioDiff:
+    otherwise it must stay 1.0)."""
     scale_by_std: bool = True
-    """Compute ``scale_factor`` = 1/std of the first batch's latents on a fresh run."""
+    """Scale the latents (as in RadioDiff): by ``scale_factor`` with ``default_scale``, else by 1/std
+    of the first training batch's latents, measured on a fresh run. False: latents unscaled."""
+    default_scale: bool = False
+    """With ``scale_by_std``: use the configured ``scale_factor`` instead of measuring (as in
+    RadioDiff, whose shipped configs set it true with ``scale_factor: 0.3``)."""
 
 
 @dataclass
@@ -414,6 +449,13 @@ def load_config(path: str | Path, overrides: tp.Sequence[str] = ()) -> Config:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if not isinstance(user, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    from radiodiff_resume.compat import radiodiff_config as radiodiff
+
+    raw = OmegaConf.to_container(user)
+    if radiodiff.is_radiodiff(raw):  # translated first, so overrides apply to our keys
+        ours, report = radiodiff.translate(tp.cast(dict, raw))
+        radiodiff.log_report(report, str(path), tp.cast(dict, raw))
+        return build_config(ours, overrides, source=f"{path}, translated from RadioDiff's format")
     return build_config(user, overrides, source=str(path))
 
 
@@ -518,6 +560,13 @@ def _type_name(hint: tp.Any) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
+def measures_scale_factor(m: ModelConfig) -> bool:
+    """Whether a fresh run sets ``scale_factor`` to 1/std of the first batch's latents (RadioDiff's
+    ``scale_by_std`` without ``default_scale``); otherwise ``model.scale_factor`` is used as is
+    (validation keeps it at 1.0 unless both flags are set, as in RadioDiff)."""
+    return m.scale_by_std and not m.default_scale
+
+
 def validate(cfg: Config) -> list[str]:
     """Value checks that types cannot express; returns every problem found."""
     problems: list[str] = []
@@ -535,7 +584,20 @@ def validate(cfg: Config) -> list[str]:
             ">= 1",
         )
         need(c.lr > 0 and math.isfinite(c.lr), f"{p}.lr", c.lr, "a finite value > 0")
-        need(0 <= c.min_lr <= c.lr, f"{p}.min_lr", c.min_lr, f"between 0 and {p}.lr ({c.lr})")
+        need(c.lr_schedule in LR_SCHEDULES, f"{p}.lr_schedule", c.lr_schedule, ", ".join(LR_SCHEDULES))
+        need(0 <= c.min_lr <= 1, f"{p}.min_lr", c.min_lr,
+             "0 .. 1 (a floor on the LR multiplier, as in RadioDiff; an absolute end LR is "
+             f"{p}.final_lr with {p}.lr_schedule=cosine)")
+        need(c.lr_decay_power > 0 and math.isfinite(c.lr_decay_power), f"{p}.lr_decay_power",
+             c.lr_decay_power, "a finite value > 0")
+        need(0 <= c.final_lr <= c.lr, f"{p}.final_lr", c.final_lr, f"between 0 and {p}.lr ({c.lr})")
+        unused = ("final_lr",) if c.lr_schedule == "radiodiff" else ("min_lr", "lr_decay_power")
+        defaults = LoopConfig() if p == "trainer" else FirstStageConfig().trainer
+        for key in unused:
+            if getattr(c, key) != getattr(defaults, key):
+                problems.append(f"{p}.{key}: got {getattr(c, key)!r}, but {p}.lr_schedule is "
+                                f"{c.lr_schedule!r}, which does not use it; remove it or change "
+                                f"{p}.lr_schedule")
         need(c.lr_warmup_steps >= 0, f"{p}.lr_warmup_steps", c.lr_warmup_steps, ">= 0")
         need(c.weight_decay >= 0, f"{p}.weight_decay", c.weight_decay, ">= 0")
         need(
@@ -588,15 +650,32 @@ def validate(cfg: Config) -> list[str]:
         )
 
     m = cfg.model
+    need(m.objective in OBJECTIVES, "model.objective", m.objective, ", ".join(OBJECTIVES))
     need(m.timesteps >= 1, "model.timesteps", m.timesteps, ">= 1")
-    need(1 <= m.sampling_timesteps <= m.timesteps, "model.sampling_timesteps", m.sampling_timesteps,
-         f"1 .. model.timesteps ({m.timesteps})")
+    if m.objective == "radiodiff":
+        need(m.sampling_timesteps >= 1, "model.sampling_timesteps", m.sampling_timesteps, ">= 1")
+        need(0 < m.eps < 1 / max(m.sampling_timesteps, 1), "model.eps", m.eps,
+             "0 < eps < 1/model.sampling_timesteps (the stride from t=1 to eps must stay positive)")
+    else:
+        need(1 <= m.sampling_timesteps <= m.timesteps, "model.sampling_timesteps", m.sampling_timesteps,
+             f"1 .. model.timesteps ({m.timesteps})")
+        unused = ModelConfig()
+        for key in ("eps", "weighting_loss", "use_l1"):
+            if getattr(m, key) != getattr(unused, key):
+                problems.append(f"model.{key}: got {getattr(m, key)!r}, but only model.objective=radiodiff "
+                                f"uses it (model.objective is {m.objective!r}); remove it, or set "
+                                "model.objective=radiodiff")
     need(m.beta_schedule in BETA_SCHEDULES, "model.beta_schedule", m.beta_schedule, ", ".join(BETA_SCHEDULES))
     need(m.prediction_type in PREDICTION_TYPES, "model.prediction_type", m.prediction_type,
          ", ".join(PREDICTION_TYPES))
     need(m.loss_type in LDM_LOSSES, "model.loss_type", m.loss_type, ", ".join(LDM_LOSSES))
     need(m.scale_factor > 0 and math.isfinite(m.scale_factor), "model.scale_factor", m.scale_factor,
          "a finite value > 0")
+    if m.scale_factor != 1.0 and not (m.scale_by_std and m.default_scale):
+        problems.append(f"model.scale_factor: got {m.scale_factor!r}, but it is used only with "
+                        "model.scale_by_std=true and model.default_scale=true (as in RadioDiff: "
+                        + ("1/std is measured instead" if m.scale_by_std else "latents are not scaled")
+                        + "); set both to use it, or remove model.scale_factor")
     for key, target in (
         ("model.first_stage.target", fs.target),
         ("model.unet.target", m.unet.target),
@@ -624,9 +703,20 @@ def validate(cfg: Config) -> list[str]:
     _check_slurm(cfg.slurm, need)
 
     d = cfg.data
-    need(d.batch_size >= 1, "data.batch_size", d.batch_size, ">= 1")
+    if (d.batch_size is None) == (d.batch_size_per_process is None):
+        problems.append("data.batch_size / data.batch_size_per_process: set exactly one (data.batch_size "
+                        "is the global batch, as in RadioDiff; to set the per-process batch instead, "
+                        "add data.batch_size=null)")
+    for key in ("batch_size", "batch_size_per_process"):
+        v = getattr(d, key)
+        need(v is None or v >= 1, f"data.{key}", v, ">= 1")
     need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
     need(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "0 < fraction < 1")
+    need(d.split in SPLITS, "data.split", d.split, ", ".join(SPLITS))
+    if d.split == "radiodiff" and d.root is None and d.train is None:
+        problems.append("data.split: radiodiff selects RadioDiff's maps of the RadioMapSeer release, but "
+                        "data.root is null (the synthetic stand-in has other maps); set "
+                        "data.root=/path/to/RadioMapSeer, or data.split=maps")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
     for k in ("max_train_samples", "max_val_samples"):
         v = getattr(d, k)

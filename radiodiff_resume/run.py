@@ -22,8 +22,14 @@ from radiodiff_resume.build import (
     dataset_root,
     load_first_stage_weights,
 )
-from radiodiff_resume.config import Config, config_hash, resolved_mixed_precision, to_yaml
-from radiodiff_resume.errors import StopRequested, UserError
+from radiodiff_resume.config import (
+    Config,
+    config_hash,
+    measures_scale_factor,
+    resolved_mixed_precision,
+    to_yaml,
+)
+from radiodiff_resume.errors import ConfigError, StopRequested, UserError
 from radiodiff_resume.io import write_text_atomic
 from radiodiff_resume.lock import LockHeld, RunLock
 from radiodiff_resume.models.autoencoder import AutoencoderWithLoss
@@ -125,10 +131,28 @@ def ldm_trainer(cfg: Config, accelerator: Accelerator, first_stage: nn.Module, t
     return LatentDiffusionTrainer(
         cfg.trainer, build_ldm(cfg, first_stage), train_set, val_set,
         accelerator=accelerator, results_folder=cfg.results_folder, seed=cfg.trainer.seed,
-        batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers,
+        batch_size=per_process_batch(cfg, accelerator), num_workers=cfg.data.num_workers,
         checkpoint=cfg.checkpoint, config=cfg, read_only=read_only,
-        scale_by_std=cfg.model.scale_by_std, configured_scale_factor=cfg.model.scale_factor,
+        measure_scale=measures_scale_factor(cfg.model), configured_scale_factor=cfg.model.scale_factor,
     )
+
+
+def per_process_batch(cfg: Config, accelerator: Accelerator, first_stage: bool = False) -> int:
+    """What each process loads per micro-step: the global ``data.batch_size`` (or
+    ``model.first_stage.batch_size``) split across the processes, as RadioDiff's
+    ``split_batches=True`` does, unless ``data.batch_size_per_process`` is set."""
+    d, world = cfg.data, accelerator.num_processes
+    key, batch = "data.batch_size", d.batch_size
+    if first_stage and cfg.model.first_stage.batch_size is not None:
+        key, batch = "model.first_stage.batch_size", cfg.model.first_stage.batch_size
+    elif batch is None:
+        return tp.cast(int, d.batch_size_per_process)
+    if batch % world:
+        raise ConfigError(
+            f"{key}: {batch} is the global batch (as in RadioDiff) and does not split evenly across "
+            f"{world} processes; set a multiple of {world}, or data.batch_size=null with "
+            "data.batch_size_per_process=N")
+    return batch // world
 
 
 def load_data(cfg: Config, accelerator: Accelerator) -> tuple[Dataset, Dataset]:
@@ -178,7 +202,7 @@ def first_stage_trainer(cfg: Config, accelerator: Accelerator, train_set: Datase
     return AutoencoderTrainer(
         fs.trainer, model, train_set, val_set,
         accelerator=accelerator, results_folder=cfg.first_stage_folder(),
-        seed=cfg.trainer.seed, batch_size=fs.batch_size or cfg.data.batch_size,
+        seed=cfg.trainer.seed, batch_size=per_process_batch(cfg, accelerator, first_stage=True),
         num_workers=cfg.data.num_workers, export_path=Path(tp.cast(str, fs.ckpt_path)),
         checkpoint=cfg.checkpoint, config=cfg, read_only=read_only,
     )

@@ -9,6 +9,10 @@ Reads the layout of the public RadioMapSeer release (and of
 
 Every file is checked at construction so a broken copy fails before training starts, not
 hours into it.
+
+Two ways to split the maps (``data.split``): ``maps``, a seeded split of whatever maps the
+folder holds (:func:`split_maps`), and ``radiodiff``, RadioDiff's fixed split of the full
+release (:func:`radiodiff_split`), so that validation numbers compare with the paper's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,18 @@ from radiodiff_resume.errors import DataError
 SAMPLE_NAME = re.compile(r"^(\d+)_(\d+)\.png$")
 """``{map}_{tx}.png``: anything else in the gain folder (notes, thumbnails) is ignored."""
 
+SPLIT_MODES = ("maps", "radiodiff")
+"""``data.split`` values: how the maps are divided between train and val."""
+
+RADIODIFF_NUM_MAPS = 700
+"""RadioDiff shuffles positions ``0..699``; file ids are position + 1, so map 0 is never used."""
+
+RADIODIFF_TX_PER_MAP = 80
+"""RadioDiff's ``numTx``: every map contributes transmitters ``0..79``."""
+
+RADIODIFF_POSITIONS = {"train": (0, 500), "val": (600, 650), "test": (600, 699)}
+"""First and last (inclusive) position in the shuffled map list, per RadioDiff phase."""
+
 
 def split_maps(map_ids: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Split map ids into (train, val) so that no city appears in both.
@@ -46,6 +62,33 @@ def split_maps(map_ids: list[int], val_fraction: float, seed: int) -> tuple[list
     val = sorted(unique[i] for i in order[:n_val])
     train = sorted(unique[i] for i in order[n_val:])
     return train, val
+
+
+def radiodiff_split() -> dict[str, list[int]]:
+    """RadioDiff's map ids (file names ``{id}.png``) for ``train`` / ``val`` / ``test``.
+
+    As ``RadioUNet_c`` in RadioDiff's ``lib/loaders.py`` (the loader its
+    ``train_cond_ldm.py`` uses, as released with the paper): positions ``0..699`` are
+    shuffled with ``np.random.seed(42); np.random.shuffle``, each phase takes positions
+    ``ind1..ind2`` *inclusive* (its ``__len__`` is ``(ind2 - ind1 + 1) * numTx``), and the
+    file id is the position's value plus one. Hence:
+
+    - train: positions 0..500, 501 maps;
+    - val: positions 600..650, 51 maps, all of them also in test;
+    - test: positions 600..699, 100 maps;
+    - positions 501..599 (99 maps) are in no phase, and map 0 of the release in none either.
+
+    Train is disjoint from val and test. Later RadioDiff commits (RadioDiff-k² era) train on
+    positions 0..600 instead, which puts position 600, the first val/test map, in training
+    too; val and test are the same in both. A private ``RandomState(42)`` draws the very
+    permutation of the global call without touching the global RNG.
+    """
+    order = np.arange(RADIODIFF_NUM_MAPS, dtype=np.int64)
+    np.random.RandomState(42).shuffle(order)
+    return {
+        phase: [int(i) + 1 for i in order[first : last + 1]]
+        for phase, (first, last) in RADIODIFF_POSITIONS.items()
+    }
 
 
 def _listing(folder: Path) -> set[str]:
@@ -89,10 +132,18 @@ def _resize(x: torch.Tensor, size: int, keep_peaks: bool = False) -> torch.Tenso
 
 
 class RadioMapSeer(Dataset):
-    """Samples ``{"image": [1,H,W], "cond": [3,H,W], "name": "m_tx"}`` scaled to [-1, 1].
+    """Samples ``{"image": [1,H,W], "cond": [3,H,W], "name": "m_tx", "img_name": "m_tx.png"}``,
+    tensors scaled to [-1, 1]; ``img_name`` is RadioDiff's name for the sample.
 
     ``cond`` is (buildings, antenna, buildings): three channels so conditioning encoders
     built for RGB inputs apply unchanged, as in RadioDiff.
+
+    ``split_mode="maps"`` splits the maps found in the folder with :func:`split_maps`
+    (``split`` is ``train`` or ``val``). ``split_mode="radiodiff"`` takes RadioDiff's map
+    lists (:func:`radiodiff_split`; ``split`` may also be ``test``), transmitters ``0..79``
+    of each, in RadioDiff's order, so ``dataset[i]["img_name"]`` is RadioDiff's ``i``-th
+    sample; ``val_fraction`` and ``split_seed`` are then unused, and every one of those
+    samples must be in the folder.
     """
 
     def __init__(
@@ -104,8 +155,13 @@ class RadioMapSeer(Dataset):
         split_seed: int = 0,
         simulation: str = "DPM",
         max_samples: int | None = None,
+        split_mode: str = "maps",
     ) -> None:
-        if split not in ("train", "val"):
+        if split_mode not in SPLIT_MODES:
+            raise DataError(f"split_mode must be one of {', '.join(SPLIT_MODES)}, got {split_mode!r}")
+        if split_mode == "radiodiff" and split not in RADIODIFF_POSITIONS:
+            raise DataError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if split_mode == "maps" and split not in ("train", "val"):
             raise DataError(f"split must be 'train' or 'val', got {split!r}")
         if image_size < 1:
             raise DataError(f"image_size must be >= 1, got {image_size}")
@@ -113,6 +169,7 @@ class RadioMapSeer(Dataset):
             raise DataError(f"max_samples must be >= 1 or unset, got {max_samples}")
         self.root = Path(root).expanduser()
         self.split = split
+        self.split_mode = split_mode
         self.image_size = image_size
         self.simulation = simulation
         if not self.root.is_dir():
@@ -136,19 +193,47 @@ class RadioMapSeer(Dataset):
                 f"with gain/{simulation}/<map>_<tx>.png files (check data.root and the "
                 "simulation name)"
             )
-        all_maps = sorted({m for m, _ in samples})
-        if len(all_maps) < 2:
-            raise DataError(
-                f"{self.gain_dir} holds only map {all_maps[0]}; the map-level train/val split "
-                "needs >= 2 maps, so add more maps to data.root"
-            )
-        train_maps, val_maps = split_maps(all_maps, val_fraction, split_seed)
-        self.map_ids: list[int] = train_maps if split == "train" else val_maps
-        wanted = set(self.map_ids)
-        self.samples: list[tuple[int, int]] = [s for s in samples if s[0] in wanted]
+        if split_mode == "radiodiff":
+            self.map_ids: list[int] = radiodiff_split()[split]
+            self.samples: list[tuple[int, int]] = self._radiodiff_samples(set(samples))
+        else:
+            all_maps = sorted({m for m, _ in samples})
+            if len(all_maps) < 2:
+                raise DataError(
+                    f"{self.gain_dir} holds only map {all_maps[0]}; the map-level train/val split "
+                    "needs >= 2 maps, so add more maps to data.root"
+                )
+            train_maps, val_maps = split_maps(all_maps, val_fraction, split_seed)
+            self.map_ids = train_maps if split == "train" else val_maps
+            wanted = set(self.map_ids)
+            self.samples = [s for s in samples if s[0] in wanted]
         if max_samples is not None:
             self.samples = self.samples[:max_samples]
         self._check_files()
+
+    def _radiodiff_samples(self, present: set[tuple[int, int]]) -> list[tuple[int, int]]:
+        """RadioDiff's samples of ``self.split`` in its order; all must be in the gain folder."""
+        wanted = [(m, tx) for m in self.map_ids for tx in range(RADIODIFF_TX_PER_MAP)]
+        found = {m for m, _ in present}
+        absent = [m for m in self.map_ids if m not in found]
+        if absent:
+            raise DataError(
+                f"{len(absent)} of the {len(self.map_ids)} maps of RadioDiff's {self.split!r} split "
+                f"are missing from {self.gain_dir} (e.g. map {', '.join(map(str, absent[:3]))}): "
+                "data.split: radiodiff needs the full RadioMapSeer release (maps 1..700, "
+                f"{RADIODIFF_TX_PER_MAP} transmitters each) at data.root; for another folder, such "
+                "as the synthetic default, use data.split: maps"
+            )
+        missing = [s for s in wanted if s not in present]
+        if missing:
+            m, tx = missing[0]
+            raise DataError(
+                f"{self.gain_dir / f'{m}_{tx}.png'} is missing ({len(missing)} of the "
+                f"{len(wanted)} samples of RadioDiff's {self.split!r} split are): data.split: "
+                f"radiodiff needs all {RADIODIFF_TX_PER_MAP} transmitters of each map; restore "
+                "the gain folder from the original RadioMapSeer archive"
+            )
+        return wanted
 
     def _check_files(self) -> None:
         """Fail at construction, naming the first missing file, rather than mid-epoch."""
@@ -188,4 +273,5 @@ class RadioMapSeer(Dataset):
             "image": image,
             "cond": torch.cat([buildings, antenna, buildings]),
             "name": f"{m}_{tx}",
+            "img_name": f"{m}_{tx}.png",
         }

@@ -72,8 +72,8 @@ class BatchStream:
         self.batches_per_epoch = self.n // self.step
         if self.batches_per_epoch == 0:
             raise DataError(
-                f"the training set has {self.n} samples, fewer than data.batch_size "
-                f"({batch_size}) x processes ({world_size}); lower data.batch_size or add data"
+                f"the training set has {self.n} samples, fewer than one global batch: {batch_size} per "
+                f"process x {world_size} process(es); lower data.batch_size or add data"
             )
         self.epoch = 0
         self.offset = 0

@@ -2,7 +2,8 @@
 
 The denoiser sees the noisy latent concatenated with an encoded condition (buildings,
 transmitter, buildings). ``scale_factor`` is a persistent buffer, so it travels with
-``state_dict`` and a strict load cannot silently drop it.
+``state_dict`` and a strict load cannot silently drop it. Two objectives: DDPM with DDIM sampling
+(``noise_scheduler``), or RadioDiff's constant SDE (``const_sde``, see :mod:`.const_sde`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from torch import nn
+
+from radiodiff_resume.models import const_sde as sde
+from radiodiff_resume.models.const_sde import ConstantSDE
 
 
 class ConditionEncoder(nn.Module):
@@ -67,7 +71,8 @@ class ConditionalLDM(nn.Module):
     """Frozen first stage + trainable condition encoder and denoiser.
 
     ``forward`` returns the training loss so the loss always flows through the
-    (possibly DDP-wrapped) module's forward.
+    (possibly DDP-wrapped) module's forward. With ``const_sde`` the model trains and samples
+    RadioDiff's objective and ``noise_scheduler`` is unused.
     """
 
     def __init__(
@@ -80,6 +85,7 @@ class ConditionalLDM(nn.Module):
         scale_factor: float = 1.0,
         loss_type: str = "l2",
         sampling_timesteps: int = 50,
+        const_sde: ConstantSDE | None = None,
     ) -> None:
         super().__init__()
         self.first_stage = first_stage.requires_grad_(False).eval()
@@ -89,6 +95,7 @@ class ConditionalLDM(nn.Module):
         self.latent_shape = latent_shape
         self.loss_type = loss_type
         self.sampling_timesteps = sampling_timesteps
+        self.const_sde = const_sde
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)), persistent=True)
 
     def train(self, mode: bool = True) -> ConditionalLDM:
@@ -160,6 +167,10 @@ class ConditionalLDM(nn.Module):
         z = self.encode(image, generator)
         features = self.cond_encoder(cond)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+        if self.const_sde is not None:
+            time = self.const_sde.sample_time(z.shape[0], generator, z.device)
+            pred = self.denoise(sde.q_sample(z, noise, time), features, sde.network_time(time))
+            return self.const_sde.loss(pred, z, noise, time)
         t = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (z.shape[0],),
             generator=generator, device=z.device,
@@ -181,8 +192,18 @@ class ConditionalLDM(nn.Module):
     def sample(
         self, cond: torch.Tensor, generator: torch.Generator | None = None, steps: int | None = None
     ) -> torch.Tensor:
-        """Deterministic DDIM sampling (eta=0); noise only from ``generator``. The latent trajectory
-        stays in fp32 under any autocast; only the denoiser's forward runs in the autocast dtype."""
+        """Deterministic DDIM sampling (eta=0), or RadioDiff's sampler with ``const_sde``; noise only
+        from ``generator``. The latent trajectory stays in fp32 under any autocast; only the
+        denoiser's forward runs in the autocast dtype."""
+        if self.const_sde is not None:
+            features = self.cond_encoder(cond)
+
+            def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return self.denoise(x, features, sde.network_time(t))
+
+            z = sde.sample(predict, (cond.shape[0], *self.latent_shape), steps or self.sampling_timesteps,
+                           self.const_sde.eps, generator, cond.device)
+            return self.decode(z)
         ddim = DDIMScheduler.from_config(self.noise_scheduler.config)
         ddim.set_timesteps(steps or self.sampling_timesteps, device=cond.device)
         features = self.cond_encoder(cond)
@@ -196,9 +217,14 @@ class ConditionalLDM(nn.Module):
 
     def probe_inputs(self, image: torch.Tensor, cond: torch.Tensor,
                      generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Probe inputs for a batch: the maps, fixed latent noise and timesteps (from ``generator``)."""
+        """Probe inputs for a batch: the maps, fixed latent noise and timesteps (from ``generator``).
+        With ``const_sde`` the timesteps are what the denoiser sees for continuous times in
+        ``[eps, 1]``, so :meth:`probe` stays the same function for both objectives."""
         n = image.shape[0]
         noise = torch.randn((n, *self.latent_shape), generator=generator)
+        if self.const_sde is not None:
+            time = self.const_sde.sample_time(n, generator, noise.device)
+            return {"image": image, "cond": cond, "noise": noise, "timestep": sde.network_time(time)}
         steps = self.noise_scheduler.config.num_train_timesteps
         timestep = torch.randint(0, steps, (n,), generator=generator)
         return {"image": image, "cond": cond, "noise": noise, "timestep": timestep}

@@ -1,7 +1,10 @@
-"""``radiodiff-resume import SRC --cfg CFG [--out DIR]``: another trainer's state → one of our verified
-checkpoints, so that ``radiodiff-resume train`` continues it.
+"""``radiodiff-resume import SRC --cfg CFG [--out OUT]``: another trainer's state → what our run uses: one
+of our verified checkpoints, so that ``radiodiff-resume train`` continues it, or our first stage's weights.
 
-What SRC is decides how it is read (:data:`SOURCE_KINDS`; today an accelerate ``save_state`` folder).
+What SRC is decides how it is read and what ``--out`` names (:data:`SOURCE_KINDS`): an accelerate
+``save_state`` folder, converted here into a checkpoint of the run (``--out``: its results folder), or a
+RadioDiff ``model-N.pt``, whose first stage becomes our first stage's weights
+(:mod:`radiodiff_resume.compat.radiodiff_ckpt`; ``--out``: that ``.safetensors`` file).
 A source is first read into plain tensors and numbers — safetensors as they are, every ``.bin`` / ``.pt``
 / ``.pkl`` through torch's weights-only unpickler, so a file that would run code is refused before any of
 it runs — then the run is built exactly as ``train`` builds it from CFG, the source is matched onto it
@@ -39,6 +42,8 @@ RNG_FILE = re.compile(r"^random_states_(\d+)\.pkl$")
 PRETRAINED_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors",
                       "diffusion_pytorch_model.bin", "pytorch_model.bin")
 """Weight files of a ``save_pretrained`` folder (diffusers' save hooks write ``unet/``, ``unet_ema/``)."""
+TORCH_FILES = frozenset({".pt", ".pth", ".ckpt"})
+"""Suffixes of a single ``torch.save`` file, as RadioDiff writes its checkpoints."""
 SHARDED = re.compile(r"^(pytorch_model_fsdp.*|optimizer_\d+|pytorch_model|latest|zero_to_fp32\.py)$")
 """FSDP / DeepSpeed save_state entries: per-rank shards that have to be consolidated first."""
 
@@ -49,23 +54,33 @@ SHARDED = re.compile(r"^(pytorch_model_fsdp.*|optimizer_\d+|pytorch_model|latest
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``import`` to the ``radiodiff-resume`` sub-commands."""
     cmd = sub.add_parser(
-        "import", help="convert another trainer's saved state (an accelerate save_state folder) into a "
-                       "verified checkpoint that `train` resumes from",
-        usage="radiodiff-resume import SRC --cfg CFG [--out DIR] [key=value ...]",
-        description="Convert SRC into one verified checkpoint of the run CFG describes, with a report of "
-                    "where every tensor came from. Exact in weights, optimizer state, step and EMA; not in "
-                    "random streams or data position.",
+        "import", help="convert another trainer's saved state: an accelerate save_state folder into a "
+                       "verified checkpoint that `train` resumes from, a RadioDiff model-N.pt into our first "
+                       "stage's weights",
+        usage="radiodiff-resume import SRC --cfg CFG [--out DIR | --out FILE.safetensors [--force]] "
+              "[key=value ...]",
+        description="Convert SRC for the run CFG describes, with a report of where every tensor came from. "
+                    "An accelerate save_state folder becomes one verified checkpoint, exact in weights, "
+                    "optimizer state, step and EMA (not in random streams or data position). A RadioDiff "
+                    "checkpoint (model-N.pt of train_vae.py or train_cond_ldm.py) gives its first stage, as "
+                    "the weights file model.first_stage.ckpt_path names; its denoiser is not imported.",
     )
     cmd.add_argument("src", metavar="SRC",
                      help="what to import: a folder written by accelerate's Accelerator.save_state "
                           "(model.safetensors or pytorch_model.bin, optimizer.bin, scheduler.bin, "
-                          "random_states_*.pkl; EMA folders such as unet_ema/)")
+                          "random_states_*.pkl; EMA folders such as unet_ema/), or a RadioDiff checkpoint "
+                          "file (.pt, .pth or .ckpt)")
     cmd.add_argument("--cfg", required=True,
-                     help="YAML config of the run that will continue it (as for `train`), e.g. "
-                          "configs/radio_tiny.yaml; its first-stage weights must exist")
-    cmd.add_argument("--out", metavar="DIR",
-                     help="results folder to write <DIR>/checkpoints/step-N into (default: the config's "
-                          "trainer.results_folder); it must hold no checkpoint yet")
+                     help="YAML config of the run that will use it (as for `train`), e.g. "
+                          "configs/radio_tiny.yaml; for a save_state folder its first-stage weights must "
+                          "exist")
+    cmd.add_argument("--out", metavar="OUT",
+                     help="for a save_state folder: the results folder to write <OUT>/checkpoints/step-N "
+                          "into (default: the config's trainer.results_folder), which must hold no "
+                          "checkpoint yet; for a RadioDiff checkpoint: the .safetensors file to write the "
+                          "first stage to (default: the config's model.first_stage.ckpt_path)")
+    cmd.add_argument("--force", action="store_true",
+                     help="RadioDiff checkpoint only: replace an existing first-stage file at OUT")
     overrides = cmd.add_argument("overrides", nargs="+", default=[], metavar="key=value",
                                  help="config overrides, as for `train`, e.g. trainer.lr=1e-4")
     # '+' and not required: with '*', argparse would consume the (empty) overrides together with SRC
@@ -75,21 +90,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> None:
-    from radiodiff_resume.config import load_config
-
     src = Path(args.src).expanduser()
-    overrides = list(args.overrides)
-    if args.out is not None:
-        if any(o.startswith("trainer.results_folder=") for o in overrides):
-            raise UserError("import: give the results folder once: --out DIR or trainer.results_folder=")
-        overrides.append(f"trainer.results_folder={Path(args.out).expanduser().resolve()}")
     kind = source_kind(src)
-    cfg = load_config(args.cfg, overrides)
-    report = kind.convert(src, cfg)
-    resume = ["radiodiff-resume", "train", "--cfg", args.cfg, *overrides]
-    if cfg.checkpoint.resume != "auto":
-        resume.append("checkpoint.resume=auto")
-    print("\n".join([*report, f"resume with: {shlex.join(resume)}"]), flush=True)
+    print("\n".join(kind.command(src, args)), flush=True)
 
 
 @dataclass(frozen=True)
@@ -98,8 +101,11 @@ class SourceKind:
 
     what: str
     detects: tp.Callable[[Path], bool]
-    convert: tp.Callable[[Path, Config], list[str]]
-    """Writes the checkpoint of the run ``Config`` describes; returns the report's lines."""
+    command: tp.Callable[[Path, argparse.Namespace], list[str]]
+    """Converts SRC as the parsed command asks (``--out`` means what this kind writes); returns the
+    report's lines, the command to run next last."""
+    looks_like: str
+    """What such a source holds, for the message when SRC is none of the kinds."""
 
 
 def source_kind(src: Path) -> SourceKind:
@@ -109,8 +115,8 @@ def source_kind(src: Path) -> SourceKind:
     for kind in SOURCE_KINDS:
         if kind.detects(src):
             return kind
-    raise UserError(f"import: {src} is not {' or '.join(k.what for k in SOURCE_KINDS)} (an accelerate "
-                    "save_state folder holds optimizer.bin, random_states_0.pkl and model.safetensors)")
+    raise UserError(f"import: {src} is not {' or '.join(k.what for k in SOURCE_KINDS)} "
+                    f"({'; '.join(k.looks_like for k in SOURCE_KINDS)})")
 
 
 # ----- reading a source: data only, nothing of it executed -------------------------------------------
@@ -422,8 +428,35 @@ def mapping_lines(placement: Placement) -> list[str]:
 # ----- the LDM import ------------------------------------------------------------------------------------
 
 
-def convert_accelerate(src: Path, cfg: Config) -> list[str]:
-    return import_into_ldm(read_accelerate_folder(src), cfg)
+def import_accelerate(src: Path, args: argparse.Namespace) -> list[str]:
+    """``--out`` is the results folder of the run that continues the source."""
+    from radiodiff_resume.config import load_config
+
+    if args.force:
+        raise UserError("import: --force is for RadioDiff checkpoints; an accelerate import never writes "
+                        "over a run (pass --out with a new results folder)")
+    overrides = list(args.overrides)
+    if args.out is not None:
+        if any(o.startswith("trainer.results_folder=") for o in overrides):
+            raise UserError("import: give the results folder once: --out DIR or trainer.results_folder=")
+        overrides.append(f"trainer.results_folder={Path(args.out).expanduser().resolve()}")
+    cfg = load_config(args.cfg, overrides)
+    report = import_into_ldm(read_accelerate_folder(src), cfg)
+    resume = ["radiodiff-resume", "train", "--cfg", args.cfg, *overrides]
+    if cfg.checkpoint.resume != "auto":
+        resume.append("checkpoint.resume=auto")
+    return [*report, f"resume with: {shlex.join(resume)}"]
+
+
+def is_torch_file(path: Path) -> bool:
+    return path.is_file() and path.suffix in TORCH_FILES
+
+
+def import_radiodiff(src: Path, args: argparse.Namespace) -> list[str]:
+    """``--out`` is the first-stage weights file; the reader lives in the RadioDiff compatibility package."""
+    from radiodiff_resume.compat.radiodiff_ckpt import import_radiodiff
+
+    return import_radiodiff(src, args)
 
 
 def import_into_ldm(source: Source, cfg: Config) -> list[str]:
@@ -543,11 +576,13 @@ class LdmImport:
         """From the source when it holds one, else as a fresh run of this config sets it."""
         import torch
 
+        from radiodiff_resume.config import measures_scale_factor
+
         value = float(self.ldm.scale_factor)
         m = self.cfg.model
         if "scale_factor" in mapped:
             fixed = torch.tensor(m.scale_factor, dtype=self.ldm.scale_factor.dtype).item()
-            if not m.scale_by_std and fixed != value:
+            if not measures_scale_factor(m) and fixed != value:
                 raise UserError(f"import: the source's scale_factor is {value!r} but the config fixes "
                                 f"model.scale_factor={m.scale_factor!r}, and `train` would refuse to resume "
                                 f"with another one: set model.scale_factor={value!r}")
@@ -556,7 +591,7 @@ class LdmImport:
             self.trainer.on_fit_start()  # step 0: exactly what a fresh run of this config does
             value = float(self.ldm.scale_factor)
             how = ("measured by model.scale_by_std (1/std of the first training batch's latents, as a fresh "
-                   "run does)" if m.scale_by_std else "model.scale_factor (model.scale_by_std is false)")
+                   "run does)" if measures_scale_factor(m) else "model.scale_factor")
         self.provenance.append(f"scale_factor {value!r}: {how}")
         return f"{value:.6g}: {how}"
 
@@ -742,6 +777,10 @@ class LdmImport:
 
 
 SOURCE_KINDS: tuple[SourceKind, ...] = (
-    SourceKind("an accelerate save_state folder", is_accelerate_folder, convert_accelerate),
+    SourceKind("an accelerate save_state folder", is_accelerate_folder, import_accelerate,
+               "an accelerate save_state folder holds optimizer.bin, random_states_0.pkl and "
+               "model.safetensors"),
+    SourceKind("a RadioDiff checkpoint file (.pt, .pth or .ckpt)", is_torch_file, import_radiodiff,
+               "RadioDiff's train_vae.py and train_cond_ldm.py write model-N.pt"),
 )
 """Checked in order; the first whose ``detects`` accepts SRC converts it."""

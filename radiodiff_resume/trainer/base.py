@@ -35,6 +35,7 @@ from radiodiff_resume.slurm.budget import StopBudget
 from radiodiff_resume.slurm.environment import job_id
 from radiodiff_resume.slurm.signals import STOP
 from radiodiff_resume.trainer.ema import RadioDiffEMA, first_average
+from radiodiff_resume.trainer.lr import lr_multiplier
 from radiodiff_resume.trainer.runlog import RunLog
 from radiodiff_resume.trainer.state import TrainState, capture_rng, derive_seed, restore_rng
 from radiodiff_resume.trainer.validation import ValidationResult, evaluate
@@ -43,20 +44,6 @@ logger = logging.getLogger(__name__)
 
 Batch = dict[str, tp.Any]
 PROBE_SAMPLES = 2
-
-
-def warmup_cosine(loop: LoopConfig) -> tp.Callable[[int], float]:
-    """LR multiplier: linear warm-up, then cosine decay from ``lr`` to ``min_lr``."""
-    floor = loop.min_lr / loop.lr
-
-    def factor(step: int) -> float:
-        if step < loop.lr_warmup_steps:
-            return (step + 1) / (loop.lr_warmup_steps + 1)
-        span = max(1, loop.train_num_steps - loop.lr_warmup_steps)
-        progress = min(1.0, (step - loop.lr_warmup_steps) / span)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
 
 
 class Trainer:
@@ -105,7 +92,7 @@ class Trainer:
         model.to(accelerator.device)
         self.params = [p for p in self.trainable_module(model).parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self.params, lr=loop.lr, weight_decay=loop.weight_decay)
-        self.lr_schedule = LambdaLR(optimizer, warmup_cosine(loop))
+        self.lr_schedule = LambdaLR(optimizer, lr_multiplier(loop))
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         # After prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
         self.ema = self.new_ema() if loop.use_ema else None
@@ -564,7 +551,7 @@ class Trainer:
             group["initial_lr"] = self.loop.lr * self.guard.lr_scale
             group["weight_decay"] = self.loop.weight_decay
         optimizer = tp.cast(torch.optim.Optimizer, getattr(self.optimizer, "optimizer", self.optimizer))
-        self.lr_schedule = LambdaLR(optimizer, warmup_cosine(self.loop), last_epoch=self.state.step - 1)
+        self.lr_schedule = LambdaLR(optimizer, lr_multiplier(self.loop), last_epoch=self.state.step - 1)
         if self.ema is not None:
             self.ema.decay = self.loop.ema_decay
             self.ema.update_after_step = self.loop.ema_update_after_step

@@ -23,10 +23,10 @@ class LatentDiffusionTrainer(Trainer):
 
     stage = "ldm"
 
-    def __init__(self, *args: tp.Any, scale_by_std: bool, configured_scale_factor: float,
+    def __init__(self, *args: tp.Any, measure_scale: bool, configured_scale_factor: float,
                  **kwargs: tp.Any) -> None:
         super().__init__(*args, **kwargs)
-        self.scale_by_std = scale_by_std
+        self.measure_scale = measure_scale
         self.configured_scale_factor = configured_scale_factor
 
     @property
@@ -37,7 +37,8 @@ class LatentDiffusionTrainer(Trainer):
         return tp.cast(ConditionalLDM, model).trainable_modules()
 
     def on_fit_start(self) -> None:
-        """On a fresh run with ``scale_by_std``, set ``scale_factor`` once, from all ranks.
+        """On a fresh run that measures it (``scale_by_std`` without ``default_scale``), set
+        ``scale_factor`` once, from all ranks.
 
         A restored run (step > 0) keeps the value it was trained with.
         """
@@ -47,8 +48,9 @@ class LatentDiffusionTrainer(Trainer):
                 "resume; it is never recomputed)", float(self.ldm.scale_factor),
             )
             return
-        if not self.scale_by_std:
-            logger.info("ldm: scale_factor %.6g from model.scale_factor", float(self.ldm.scale_factor))
+        if not self.measure_scale:
+            logger.info("ldm: scale_factor %.6g from model.scale_factor%s", float(self.ldm.scale_factor),
+                        "" if float(self.ldm.scale_factor) != 1.0 else " (latents unscaled)")
             return
         self.measure_scale_factor()
 
@@ -65,7 +67,7 @@ class LatentDiffusionTrainer(Trainer):
             raise DataError(
                 "model.scale_by_std: every sample of the first training batch (on every process) has a "
                 "non-finite latent, so no scale can be measured; check the data (NaN/Inf in the images) "
-                "or set model.scale_by_std=false and model.scale_factor to a known value")
+                "or set model.default_scale=true and model.scale_factor to a known value")
         mean = total / count
         std = (squares / count - mean * mean) ** 0.5
         self.ldm.set_scale_factor(1.0 / std)
@@ -108,7 +110,7 @@ class LatentDiffusionTrainer(Trainer):
         """A fixed ``model.scale_factor`` that differs from the checkpoint's cannot be resumed."""
         saved = manifest.scale_factor
         configured = torch.tensor(self.configured_scale_factor, dtype=self.ldm.scale_factor.dtype).item()
-        if self.scale_by_std or saved is None or saved == configured:
+        if self.measure_scale or saved is None or saved == configured:
             return None
         return (
             f"model.scale_factor is {self.configured_scale_factor!r} in the config but the checkpoint "

@@ -13,7 +13,7 @@ import pytest
 
 from radiodiff_resume.config import Config
 from radiodiff_resume.errors import UserError
-from radiodiff_resume.trainer.base import warmup_cosine
+from radiodiff_resume.trainer.lr import lr_multiplier
 from tests.checkpoint.helpers import STEP4, build, events, hashes, read_manifest, write_manifest
 
 MOVED = {"trainer.results_folder", "model.first_stage.ckpt_path"}
@@ -83,19 +83,19 @@ def test_loop_settings_take_the_new_values_from_the_restored_step(
 
     changes = changed_keys(run)
     assert changes == {
-        "trainer.lr": (1e-3, 5e-4), "trainer.min_lr": (1e-4, 5e-5), "trainer.weight_decay": (0.0, 0.01),
+        "trainer.lr": (1e-3, 5e-4), "trainer.min_lr": (1e-4, 5e-5), "trainer.weight_decay": (1e-4, 0.01),
         "trainer.ema_decay": (0.9, 0.5), "trainer.train_num_steps": (4, 8),
     }
     for key in changes:
         assert f"{key}: " in caplog.text and "(the new value applies)" in caplog.text
     [group] = trainer.optimizer.param_groups
     assert group["weight_decay"] == 0.01
-    assert group["lr"] == 5e-4 * warmup_cosine(trainer.loop)(4), "the new schedule at the restored step"
+    assert group["lr"] == 5e-4 * lr_multiplier(trainer.loop)(4), "the new schedule at the restored step"
     assert trainer.lr_schedule.get_last_lr() == [group["lr"]]
     assert tp.cast(tp.Any, trainer.ema).decay == 0.5
     trainer.fit()
     assert trainer.state.step == 8
-    assert trainer.lr_schedule.get_last_lr() == [5e-4 * warmup_cosine(trainer.loop)(8)]
+    assert trainer.lr_schedule.get_last_lr() == [5e-4 * lr_multiplier(trainer.loop)(8)]
 
 
 def test_a_model_that_no_longer_fits_stops_with_the_config_diff_and_the_override(

@@ -66,7 +66,7 @@ def test_peek_does_not_move_the_stream() -> None:
 
 
 def test_too_small_dataset_is_a_clear_error() -> None:
-    with pytest.raises(DataError, match=r"3 samples, fewer than data.batch_size \(2\) x processes \(2\)"):
+    with pytest.raises(DataError, match=r"3 samples, fewer than one global batch: 2 per process x 2 process"):
         BatchStream(Numbers(3), 2, rank=0, world_size=2)
 
 

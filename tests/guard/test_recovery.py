@@ -302,11 +302,11 @@ def test_consecutive_skips_before_any_checkpoint_halt_with_nothing_to_roll_back_
 
 
 def test_resume_with_guard_state_is_bit_exact(tmp_path: Path, synth_cache: Path) -> None:
-    """6 steps straight == 3 steps, then a new trainer told 6 resumes. min_lr = lr keeps the LR a
-    constant that does not depend on train_num_steps (the first part is told 3); samples at step 3
-    in both, so both do the same work around that checkpoint."""
+    """6 steps straight == 3 steps, then a new trainer told 6 resumes. min_lr = 1 (the floor of the LR
+    multiplier) keeps the LR a constant that does not depend on train_num_steps (the first part is
+    told 3); samples at step 3 in both, so both do the same work around that checkpoint."""
     common = (*FAST, "guard.clip.mode=zscore", "guard.clip.warmup=3", "guard.loss.warmup=3",
-              "trainer.min_lr=1e-3", "trainer.save_and_sample_every=3", "checkpoint.every=3")
+              "trainer.min_lr=1.0", "trainer.save_and_sample_every=3", "checkpoint.every=3")
     straight, split = tmp_path / "straight", tmp_path / "split"
 
     fit(build_config(tiny_raw(straight, synth_cache), [*common, "trainer.train_num_steps=6"]))
@@ -377,6 +377,7 @@ def launch_two(tmp_path: Path, big_root: Path, unet: dict[str, tp.Any], train: d
     raw["data"]["train"] = {"target": FAULTY_MAPS, "params": {**common, "split": "train", **train}}
     raw["data"]["validation"] = {"target": FAULTY_MAPS, "params": {**common, "split": "val"}}
     raw["trainer"].update(val_batches=0, num_sample_images=1)
+    raw["data"].update(batch_size=None, batch_size_per_process=BATCH)  # BATCH on each rank
     raw["checkpoint"] = {"every": 3}
     cfg = write_yaml(tmp_path / "run.yaml", raw)
     write_random_first_stage(build_config(raw))

@@ -124,7 +124,7 @@ def test_import_is_exact_and_train_resumes_from_it(source: Source, tmp_path: Pat
     assert "cond_encoder.*" in report and "initialised as a fresh run of this config" in report
     assert "measured by model.scale_by_std" in report
     assert f"step: {STEPS} (optimizer.bin per-parameter step {STEPS} = scheduler.bin last_epoch)" in report
-    assert "weight_decay: 0.01 in the source, 0.0 in this run" in report
+    assert "weight_decay: 0.01 in the source, 0.0001 in this run" in report
     assert f"EMA: unet_ema/ ({len(unet)} parameters) → our EMA of unet (optimization_step {STEPS})" in report
     assert "random_states_0.pkl read with torch's weights-only unpickler" in report and "not in RNG" in report
     assert f"trainer.results_folder={out}" in report.splitlines()[-1]

@@ -62,7 +62,7 @@ def test_scale_by_std_sets_scale_factor_once_on_a_fresh_run(make_cfg) -> None:
 
 def test_fixed_scale_factor_is_used_as_given(make_cfg) -> None:
     cfg = make_cfg("trainer.train_num_steps=1", "trainer.val_batches=0",
-                   "model.scale_by_std=false", "model.scale_factor=0.3")
+                   "model.default_scale=true", "model.scale_factor=0.3")
     write_random_first_stage(cfg)
     trainer = build_ldm_trainer(cfg, Accelerator())
     trainer.fit()

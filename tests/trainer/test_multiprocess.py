@@ -47,6 +47,8 @@ def test_two_processes_end_with_equal_weights(tmp_path: Path, synth_cache: Path)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["first_batch"] != ranks[1]["first_batch"], "ranks must draw different data"
+    assert len(ranks[0]["first_batch"]) == len(ranks[1]["first_batch"]) == 2, \
+        "data.batch_size 4 is the global batch (as in RadioDiff): 2 per rank"
     assert ranks[0]["model"] == ranks[1]["model"]
     assert ranks[0]["ema"] == ranks[1]["ema"]
     assert ranks[0]["scale_factor"] == ranks[1]["scale_factor"] != 1.0

@@ -64,7 +64,7 @@ class Scenario:
         raw["model"]["scale_by_std"] = False  # no peek at the first batch
         raw["model"]["first_stage"]["ckpt_path"] = str(tmp_path / "ae.safetensors")
         raw["data"].update(
-            batch_size=BS, num_workers=0, image_size=32,
+            batch_size=None, batch_size_per_process=BS, num_workers=0, image_size=32,  # BS per process
             train={"target": "tests.trainer.counting_data.CountingMaps",
                    "params": {"log_dir": str(self.logs), "root": str(cache), "split": "train",
                               **TRAIN_PARAMS}},

@@ -1,0 +1,1 @@
+"""Compatibility with RadioDiff: its configs and checkpoints."""
