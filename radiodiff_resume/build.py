@@ -147,6 +147,17 @@ def load_first_stage_weights(first_stage: nn.Module, path: Path) -> None:
             "the file was trained with other model.first_stage.params: use matching params or "
             "retrain it"
         )
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(
+            f"first-stage weights {path} hold non-finite values in {len(bad)} tensor(s) (e.g. "
+            f"{', '.join(bad[:3])}): a model trained from them would be NaN; retrain the first stage or "
+            "point model.first_stage.ckpt_path at an earlier export"
+        )
+    cast = sorted({f"{state[k].dtype} → {own[k].dtype}" for k in state if state[k].dtype != own[k].dtype})
+    if cast:
+        logger.warning("first stage: %s holds other dtypes than the model (%s); values are converted on "
+                       "load", path, ", ".join(cast))
     first_stage.load_state_dict(state)
 
 

@@ -1,5 +1,6 @@
 """Command line: ``radiodiff-resume train --cfg configs/x.yaml [key=value ...]``, ``submit``, and the
-operator tools ``dry-run``, ``doctor``, ``import`` and ``report`` (``radiodiff_resume.tools``).
+operator tools ``dry-run``, ``doctor``, ``import``, ``report`` and ``convert-config``
+(``radiodiff_resume.tools``).
 
 User errors (bad config, missing files) print one message and exit 2, no traceback; a run
 that halted to protect its state exits 4; a requested stop (checkpoint committed) exits 3.

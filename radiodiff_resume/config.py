@@ -436,6 +436,14 @@ def resolved_mixed_precision(trainer: TrainerConfig) -> str:
     return trainer.mixed_precision
 
 
+def yaml_problem(exc: Exception) -> str:
+    """One line for a YAML parse error: what and where (PyYAML's own message spans several)."""
+    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def load_config(path: str | Path, overrides: tp.Sequence[str] = ()) -> Config:
     """Read ``path``, apply ``key=value`` overrides, validate, return the typed config."""
     path = Path(path)
@@ -445,8 +453,8 @@ def load_config(path: str | Path, overrides: tp.Sequence[str] = ()) -> Config:
         )
     try:
         user = OmegaConf.load(path)
-    except (yaml.YAMLError, OmegaConfBaseException) as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(user, DictConfig):
         raise ConfigError(f"config file {path} must hold a mapping at the top level")
     from radiodiff_resume.compat import radiodiff_config as radiodiff
@@ -817,15 +825,32 @@ def to_dict(cfg: Config) -> dict[str, tp.Any]:
     return tp.cast(dict[str, tp.Any], OmegaConf.to_container(OmegaConf.structured(cfg)))
 
 
+class _Absent:
+    """A key one of two configs does not have (a key added or removed since a checkpoint was written):
+    not a value, so it is never offered as an override to set back."""
+
+    def __repr__(self) -> str:
+        return "(absent)"
+
+
+ABSENT: tp.Any = _Absent()
+
+
 def config_changes(
     saved: tp.Mapping[str, tp.Any], now: tp.Mapping[str, tp.Any]
 ) -> list[tuple[str, tp.Any, tp.Any]]:
     """``(dotted key, saved value, current value)`` for every leaf that differs, sorted by key.
 
-    Lists compare as whole values; a key present on one side only shows ``None`` on the other.
+    Lists compare as whole values; a key present on one side only shows :data:`ABSENT` on the other.
     """
     old, new = _flatten(saved), _flatten(now)
-    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
+            if old.get(k, ABSENT) != new.get(k, ABSENT)]
+
+
+def jsonable(value: tp.Any) -> tp.Any:
+    """A config value for an event record: :data:`ABSENT` becomes ``None``."""
+    return None if value is ABSENT else value
 
 
 def _flatten(tree: tp.Mapping[str, tp.Any], prefix: str = "") -> dict[str, tp.Any]:

@@ -90,8 +90,9 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
         load_config(bad)
+    assert "\n" not in str(info.value) and "at line 2, column 1" in str(info.value), str(info.value)
 
 
 def test_first_stage_ckpt_must_be_safetensors(make_cfg) -> None:

@@ -51,7 +51,7 @@ from radiodiff_resume.checkpoint.verify import (
     nonfinite_names,
     open_checkpoint,
 )
-from radiodiff_resume.config import CheckpointConfig, config_changes
+from radiodiff_resume.config import ABSENT, CheckpointConfig, config_changes, jsonable
 from radiodiff_resume.dist import Ranks
 from radiodiff_resume.errors import HaltError, UserError
 from radiodiff_resume.events import EventLog
@@ -423,8 +423,8 @@ class Checkpointer:
             logger.warning("%s: config changed since %s: %s: %r → %r (the new value applies)",
                            t.stage, ckpt.path.name, key, was, now)
         if changes:
-            self.events.emit("config_changed", stage=t.stage, path=str(ckpt.path),
-                             changes=[{"key": k, "was": w, "now": n} for k, w, n in changes])
+            records = [{"key": k, "was": jsonable(w), "now": jsonable(n)} for k, w, n in changes]
+            self.events.emit("config_changed", stage=t.stage, path=str(ckpt.path), changes=records)
 
     def _refusal(self, report: Report, how: str) -> UserError:
         """A sound checkpoint this run cannot use: what differs, and what to type."""
@@ -456,10 +456,19 @@ class Checkpointer:
             return ("No model.* config key changed since that checkpoint, so the model code did: resume "
                     "with the radiodiff_resume version that wrote it, or start fresh with "
                     "checkpoint.resume=never.")
-        lines = "\n".join(f"  {k}: {w!r} in the checkpoint, {n!r} now" for k, w, n in changed)
-        back = " ".join(f"{k}={_override(w)}" for k, w, _ in changed)
-        return (f"The model config changed since that checkpoint:\n{lines}\n"
-                f"To resume it, set them back: {back}\n"
+        def line(key: str, was: tp.Any, now: tp.Any) -> str:
+            if was is ABSENT:
+                return f"  {key}: not in the checkpoint's config (a key added since), {now!r} now"
+            if now is ABSENT:
+                return f"  {key}: {was!r} in the checkpoint, no longer a key"
+            return f"  {key}: {was!r} in the checkpoint, {now!r} now"
+
+        lines = "\n".join(line(*change) for change in changed)
+        back = " ".join(f"{k}={_override(w)}" for k, w, n in changed if ABSENT not in (w, n))
+        settable = (f"To resume it, set them back: {back}\n" if back else
+                    "No key that both configs have changed: the code did; resume with the "
+                    "radiodiff_resume version that wrote it.\n")
+        return (f"The model config changed since that checkpoint:\n{lines}\n{settable}"
                 "To train the new model from scratch, pass checkpoint.resume=never (the old checkpoints are "
                 "set aside, not deleted) or use another trainer.results_folder.")
 

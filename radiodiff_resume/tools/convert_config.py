@@ -25,22 +25,17 @@ def read_mapping(path: Path) -> dict[str, tp.Any]:
     from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    from radiodiff_resume.config import yaml_problem
+
     if not path.is_file():
         raise UserError(f"convert-config: {path} not found")
     try:
         loaded = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as exc:
-        raise UserError(f"convert-config: {path} is not valid YAML ({_one_line(exc)})") from None
+        raise UserError(f"convert-config: {path} is not valid YAML ({yaml_problem(exc)})") from None
     if not isinstance(loaded, DictConfig):
         raise UserError(f"convert-config: {path} holds no mapping: neither a RadioDiff config nor ours")
     return tp.cast(dict[str, tp.Any], OmegaConf.to_container(loaded))
-
-
-def _one_line(exc: Exception) -> str:
-    problem, mark = getattr(exc, "problem", None), getattr(exc, "problem_mark", None)
-    if problem and mark is not None:
-        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def convert(src: Path) -> tuple[str, str]:

@@ -4,17 +4,19 @@ moved in any of these cases."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import typing as tp
 from pathlib import Path
 
 import pytest
+import yaml
 
 from radiodiff_resume.config import Config
 from radiodiff_resume.errors import UserError
 from radiodiff_resume.trainer.lr import lr_multiplier
-from tests.checkpoint.helpers import STEP4, build, events, hashes, read_manifest, write_manifest
+from tests.checkpoint.helpers import STEP4, build, events, hashes, read_manifest, reseal, write_manifest
 
 MOVED = {"trainer.results_folder", "model.first_stage.ckpt_path"}
 """Keys that differ only because each test works on a copy of the golden run's folder."""
@@ -146,3 +148,38 @@ def test_a_checkpoint_of_another_stage_or_format_is_not_damage(
 
     assert expected in str(info.value) and "(nothing was moved)" in str(info.value)
     assert hashes(run / "checkpoints") == before and events(run, "checkpoint_quarantined") == []
+
+
+def without_keys(ckpt: Path, *dotted: str) -> None:
+    """Rewrite the checkpoint's config.yaml without ``dotted`` keys, as an older version that did not
+    have them wrote it, and reseal the manifest (file record and config_hash)."""
+    path = ckpt / "config.yaml"
+    tree = yaml.safe_load(path.read_text())
+    for key in dotted:
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    reseal(ckpt, "config.yaml")
+    raw = read_manifest(ckpt)
+    write_manifest(ckpt, {**raw, "config_hash": hashlib.sha256(path.read_bytes()).hexdigest()[:16]})
+
+
+def test_a_key_added_since_the_checkpoint_is_absent_not_none_and_never_offered_back(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    without_keys(run / "checkpoints" / STEP4, "model.default_scale", "trainer.lr_schedule")
+
+    with pytest.raises(UserError) as info:
+        build(run_cfg("model.unet.params.block_out_channels=[16,32]")).checkpointer.resume()
+    message = str(info.value)
+    assert "model.default_scale: not in the checkpoint's config (a key added since), False now" in message
+    assert "To resume it, set them back: model.unet.params.block_out_channels=[16,16]\n" in message
+    assert "model.default_scale=" not in message and "None" not in message
+
+    trainer = build(run_cfg())
+    assert trainer.checkpointer.resume() == run / "checkpoints" / STEP4
+    changes = changed_keys(run)
+    assert changes == {"model.default_scale": (None, False), "trainer.lr_schedule": (None, "radiodiff")}

@@ -129,6 +129,24 @@ def test_first_stage_file_that_does_not_fit_names_the_keys(make_cfg, tmp_path: P
         build_ldm_trainer(cfg, Accelerator())
 
 
+def test_first_stage_file_with_nan_is_refused_and_other_dtypes_are_named(
+        make_cfg, caplog: pytest.LogCaptureFixture) -> None:
+    from safetensors.torch import save_file
+
+    cfg = make_cfg("trainer.train_num_steps=1")
+    path = write_random_first_stage(cfg)
+    state = load_file(str(path))
+    save_file({k: v.half() for k, v in state.items()}, str(path))
+    with caplog.at_level("WARNING", logger="radiodiff_resume.build"):
+        trainer = build_ldm_trainer(cfg, Accelerator())
+    assert "holds other dtypes than the model (torch.float16 → torch.float32)" in caplog.text
+    assert trainer.ldm.first_stage.encoder.conv_in.weight.dtype == torch.float32
+    state["decoder.conv_out.bias"][0] = float("nan")
+    save_file(state, str(path))
+    with pytest.raises(UserError, match=r"non-finite values in 1 tensor\(s\) \(e\.g\. decoder\.conv_out"):
+        build_ldm_trainer(cfg, Accelerator())
+
+
 @pytest.fixture
 def fresh_accelerate_state() -> tp.Iterator[None]:
     """Accelerate keeps one state per process; a test with another precision needs it reset."""
