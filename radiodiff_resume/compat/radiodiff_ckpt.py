@@ -312,6 +312,9 @@ def out_path(args: argparse.Namespace) -> tuple[list[str], str | None]:
     return [*overrides, f"model.first_stage.ckpt_path={out}"], out
 
 
+NO_DATA_ROOT = "data.root=(not read when importing first-stage weights)"
+
+
 def import_radiodiff(src: Path, args: argparse.Namespace) -> list[str]:
     """Read, convert, load strictly, write atomically, read back; the report's lines."""
     from diffusers import AutoencoderKL
@@ -321,7 +324,9 @@ def import_radiodiff(src: Path, args: argparse.Namespace) -> list[str]:
     from radiodiff_resume.io import save_tensors_atomic
 
     overrides, given = out_path(args)
-    cfg = load_config(args.cfg, overrides)
+    # Only the model section is used: a RadioDiff yaml, whose dataset folder is hard-coded in its code,
+    # must not need data.root for this (a data.root the user gives still wins).
+    cfg = load_config(args.cfg, [NO_DATA_ROOT, *overrides])
     out = Path(tp.cast(str, cfg.model.first_stage.ckpt_path))
     if out.is_dir() or (out.exists() and not args.force):
         raise UserError(f"import: {out} ({'--out' if given else 'model.first_stage.ckpt_path'}) already "

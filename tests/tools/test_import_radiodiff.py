@@ -239,3 +239,21 @@ def test_other_torch_files_and_outputs_are_refused(radiodiff: RadioDiff, tmp_pat
     (tmp_path / "state" / "optimizer.bin").write_bytes(b"")
     code, _, err = import_here(capsys, tmp_path / "state", radiodiff.cfg, "--force")
     assert code == 2 and err.count("\n") == 1 and "--force is for RadioDiff checkpoints" in err, err
+
+
+def test_a_radiodiff_yaml_serves_as_the_config_without_a_data_root(
+        radiodiff: RadioDiff, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """RadioDiff's own first-stage yaml (its ddconfig describing the same autoencoder) is enough:
+    import reads no data, so the dataset folder RadioDiff hard-codes need not be given."""
+    fixture = Path(__file__).parents[1] / "compat" / "fixtures" / "radiodiff_first_stage.yaml"
+    raw = yaml.safe_load(fixture.read_text())
+    raw["model"]["ddconfig"].update(ch=32, ch_mult=[1, 1, 2], num_res_blocks=1)
+    theirs = tmp_path / "first_radio.yaml"
+    theirs.write_text(yaml.safe_dump(raw))
+    target = tmp_path / "ae.safetensors"
+    code, out, err = import_here(capsys, radiodiff.vae, theirs, "--out", target)
+    assert code == 0, err
+    written = load_file(str(target))
+    assert all(torch.equal(written[k], v) for k, v in radiodiff.ema.items())
+    assert out.splitlines()[-1] == (f"train with: radiodiff-resume train --cfg {theirs} "
+                                    f"model.first_stage.ckpt_path={target}")
