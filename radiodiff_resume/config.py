@@ -843,7 +843,7 @@ def config_changes(
 
     Lists compare as whole values; a key present on one side only shows :data:`ABSENT` on the other.
     """
-    old, new = _flatten(saved), _flatten(now)
+    old, new = leaves(saved), leaves(now)
     return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
             if old.get(k, ABSENT) != new.get(k, ABSENT)]
 
@@ -853,12 +853,13 @@ def jsonable(value: tp.Any) -> tp.Any:
     return None if value is ABSENT else value
 
 
-def _flatten(tree: tp.Mapping[str, tp.Any], prefix: str = "") -> dict[str, tp.Any]:
+def leaves(tree: tp.Mapping[str, tp.Any], prefix: str = "") -> dict[str, tp.Any]:
+    """Dotted key → value of every leaf (an empty mapping is a leaf too), in the tree's order."""
     out: dict[str, tp.Any] = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{path}."))
+            out.update(leaves(value, f"{path}."))
         else:
             out[path] = value
     return out

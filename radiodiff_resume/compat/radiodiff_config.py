@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from radiodiff_resume.config import Config
+from radiodiff_resume.config import Config, leaves
 from radiodiff_resume.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -104,18 +104,6 @@ class Line:
         if self.targets:
             head += " → " + ", ".join(f"{k}: {show(v)}" for k, v in self.targets)
         return f"{head} — {self.note}" if self.note else head
-
-
-def leaves(tree: tp.Mapping[str, tp.Any], prefix: str = "") -> dict[str, tp.Any]:
-    """Dotted key → value of every leaf (an empty mapping is a leaf too), in file order."""
-    out: dict[str, tp.Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(leaves(value, f"{path}."))
-        else:
-            out[path] = value
-    return out
 
 
 def _has(raw: tp.Mapping[str, tp.Any], key: str) -> bool:

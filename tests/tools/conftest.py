@@ -14,6 +14,16 @@ from tests.checkpoint.helpers import GOLDEN, sha256_file, torch_threads, train_g
 from tests.conftest import tiny_raw
 
 
+class RunsCode:
+    """Unpickling this calls ``open(path, "w")``: the marker file exists iff the pickle's code ran."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[tp.Any, ...]:
+        return open, (str(self.path), "w")
+
+
 @pytest.fixture(scope="package")
 def tool_golden(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Path:
     results = tmp_path_factory.mktemp("tool-golden") / "run"

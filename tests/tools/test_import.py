@@ -36,19 +36,10 @@ from radiodiff_resume.checkpoint.verify import open_checkpoint
 from radiodiff_resume.cli import main
 from radiodiff_resume.config import build_config
 from tests.conftest import REPO, tiny_raw, write_random_first_stage
+from tests.tools.conftest import RunsCode
 
 STEPS = 3
 """Optimizer steps of the source training; our ``train`` then continues it to ``trainer.train_num_steps``."""
-
-
-class RunsCode:
-    """Unpickling this calls ``open(path, "w")``: the marker file exists iff the pickle's code ran."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[tp.Any, ...]:
-        return open, (str(self.path), "w")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from radiodiff_resume.build import build_first_stage, load_first_stage_weights
 from radiodiff_resume.cli import main
 from radiodiff_resume.config import Config, build_config
 from tests.conftest import tiny_raw
+from tests.tools.conftest import RunsCode
 
 Tensors = dict[str, torch.Tensor]
 
@@ -67,16 +68,6 @@ def ldm_layout(diffusers: Tensors) -> Tensors:
 def fake(shapes: dict[str, tuple[int, ...]], prefix: str, seed: int) -> Tensors:
     generator = torch.Generator().manual_seed(seed)
     return {prefix + k: torch.randn(shape, generator=generator) for k, shape in shapes.items()}
-
-
-class RunsCode:
-    """Unpickling this calls ``open(path, "w")``: the marker file exists iff the pickle's code ran."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self) -> tuple[tp.Any, ...]:
-        return open, (str(self.path), "w")
 
 
 @dataclass

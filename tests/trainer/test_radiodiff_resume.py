@@ -10,36 +10,26 @@ import pytest
 import yaml
 
 from radiodiff_resume.config import build_config
-from tests.conftest import tiny_raw, write_random_first_stage
+from tests.conftest import write_random_first_stage
 from tests.trainer.test_resume_exact import (
-    EVERY,
-    STEPS,
     assert_bit_identical,
     final_tensors,
     kill_when,
     run_to_end,
     start,
+    write_config,
 )
 
-
-def write_config(tmp_path: Path, synth_cache: Path, name: str, ae: Path) -> Path:
-    raw = tiny_raw(tmp_path / name, synth_cache)
-    raw["model"].update(objective="radiodiff", sampling_timesteps=1)
-    raw["model"]["first_stage"]["ckpt_path"] = str(ae)
-    raw["trainer"].update(train_num_steps=STEPS, save_and_sample_every=STEPS, val_batches=0, log_freq=5)
-    raw["checkpoint"] = {"every": EVERY, "keep_last": 2}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+RADIODIFF = {"objective": "radiodiff", "sampling_timesteps": 1}
 
 
 @pytest.mark.slow
 def test_radiodiff_killed_and_rerun_equals_straight(tmp_path: Path, synth_cache: Path) -> None:
     ae = tmp_path / "ae.safetensors"
-    probe = write_config(tmp_path, synth_cache, "probe", ae)
+    probe = write_config(tmp_path, synth_cache, "probe", ae, **RADIODIFF)
     write_random_first_stage(build_config(yaml.safe_load(probe.read_text())))
-    straight_cfg = write_config(tmp_path, synth_cache, "straight", ae)
-    killed_cfg = write_config(tmp_path, synth_cache, "killed", ae)
+    straight_cfg = write_config(tmp_path, synth_cache, "straight", ae, **RADIODIFF)
+    killed_cfg = write_config(tmp_path, synth_cache, "killed", ae, **RADIODIFF)
     checkpoints = tmp_path / "killed" / "checkpoints"
 
     run_to_end(straight_cfg, 1, tmp_path)

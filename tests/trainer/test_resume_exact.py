@@ -29,8 +29,10 @@ from tests.trainer.test_multiprocess import free_port
 STEPS, EVERY = 30, 5
 
 
-def write_config(tmp_path: Path, synth_cache: Path, name: str, ae: Path) -> Path:
+def write_config(tmp_path: Path, synth_cache: Path, name: str, ae: Path, **model: tp.Any) -> Path:
+    """The tiny config of these runs, written to ``<name>.yaml``; ``model``: extra ``model.*`` keys."""
     raw = tiny_raw(tmp_path / name, synth_cache)
+    raw["model"].update(model)
     raw["model"]["first_stage"]["ckpt_path"] = str(ae)
     raw["trainer"].update(train_num_steps=STEPS, save_and_sample_every=STEPS, val_batches=0, log_freq=5)
     raw["checkpoint"] = {"every": EVERY, "keep_last": 2}
