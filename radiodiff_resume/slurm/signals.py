@@ -27,6 +27,24 @@ def signal_number(name: str) -> int:
     return int(signal.Signals[text if text.startswith("SIG") else f"SIG{text}"])
 
 
+CANCEL = "SIGTERM"
+"""What ``scancel`` sends: a stop that must not requeue the job."""
+
+
+def agreed_reason(reasons: tp.Sequence[str | None]) -> tuple[str, int]:
+    """The one stop reason every rank acts on, and the rank that saw it.
+
+    A signal reaches the ranks at slightly different moments, so at the step boundary where they
+    agree to stop, some have not seen it yet; without agreeing on the reason too, rank 0 — which
+    decides whether the job is requeued — could know only that "another rank" asked. A cancel seen
+    by any rank wins (requeueing would undo it); otherwise the lowest rank's reason.
+    """
+    seen = [(why, rank) for rank, why in enumerate(reasons) if why is not None]
+    if not seen:
+        return "requested", 0
+    return next((s for s in seen if s[0] == CANCEL), seen[0])
+
+
 class StopFlag:
     """Which stop was asked for first (a signal's name or a reason); None while running on."""
 

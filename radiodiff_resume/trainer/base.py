@@ -33,7 +33,7 @@ from radiodiff_resume.guard.sanitize import finite_batch
 from radiodiff_resume.images import save_grid
 from radiodiff_resume.slurm.budget import StopBudget
 from radiodiff_resume.slurm.environment import job_id
-from radiodiff_resume.slurm.signals import STOP
+from radiodiff_resume.slurm.signals import STOP, agreed_reason
 from radiodiff_resume.trainer.ema import RadioDiffEMA, first_average
 from radiodiff_resume.trainer.lr import lr_multiplier
 from radiodiff_resume.trainer.runlog import RunLog
@@ -364,15 +364,16 @@ class Trainer:
     def stop(self) -> tp.NoReturn:
         """Save (all ranks together, unless nothing was trained yet), clear the flag and raise
         :class:`StopRequested`."""
-        reason, step = STOP.reason or "another rank", self.state.step
+        reason, rank = agreed_reason(self.ranks.gather(STOP.reason))
+        step, seen = self.state.step, f"{reason} on rank {rank}" if self.ranks.world > 1 else reason
         if step > 0 and self.checkpointer.last_saved_step != step:
             self.save_checkpoint()
         self.checkpointer.ended_cleanly()
         STOP.clear()
-        self.events.emit("stopped", stage=self.stage, step=step, reason=reason)
+        self.events.emit("stopped", stage=self.stage, step=step, reason=reason, rank=rank)
         saved = f"checkpoint of step {step} committed" if step else "nothing trained yet, nothing to save"
-        logger.warning("%s: stop requested (%s); %s", self.stage, reason, saved)
-        raise StopRequested(f"{self.stage} stopped at step {step} ({reason})", reason)
+        logger.warning("%s: stop requested (%s); %s", self.stage, seen, saved)
+        raise StopRequested(f"{self.stage} stopped at step {step} ({seen})", reason)
 
     def to_device(self, batch: Batch) -> Batch:
         return {

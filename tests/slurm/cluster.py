@@ -164,6 +164,10 @@ def output_tail(info: Mapping[str, str], lines: int = 40) -> str:
     return _tail(path.read_text(errors="replace"), lines)
 
 
+REQUEUE_GRACE_S = 30.0
+"""How long a job may sit in a final state before a requeue counts as missing."""
+
+
 def wait_for(
     job_id: str | int,
     states: set[str] | frozenset[str],
@@ -175,11 +179,13 @@ def wait_for(
 ) -> dict[str, str]:
     """Wait until the job is in one of ``states`` with ``Restarts >= min_restarts``; return its info.
 
-    Fails the test with the job's info and output tail on timeout, or as soon as the job is in a
+    Fails the test with the job's info and output tail on timeout, as soon as the job is in a
     final state not asked for (and has restarted ``min_restarts`` times: an older incarnation's
-    end does not count).
+    end does not count), or when it has stayed in a final state for ``REQUEUE_GRACE_S`` without
+    the restarts asked for (nothing requeued it).
     """
     deadline = time.monotonic() + timeout
+    ended_at: float | None = None
     while True:
         info = job_info(job_id, env)
         state = info.get("JobState", "")
@@ -192,6 +198,13 @@ def wait_for(
                     f"job {job_id} ended {state}, wanted {sorted(states)}: {info}\n"
                     f"--- output tail ---\n{output_tail(info)}"
                 )
+        ended_at = (ended_at or time.monotonic()) if state in TERMINAL_STATES else None
+        if ended_at is not None and time.monotonic() - ended_at > REQUEUE_GRACE_S:
+            pytest.fail(
+                f"job {job_id} ended {state} after {restarts} restart(s) and was not requeued within "
+                f"{REQUEUE_GRACE_S:.0f} s (wanted {sorted(states)} after {min_restarts}): {info}\n"
+                f"--- output tail ---\n{output_tail(info)}"
+            )
         if time.monotonic() > deadline:
             pytest.fail(
                 f"job {job_id} not in {sorted(states)} (Restarts >= {min_restarts}) after {timeout:.0f} s: "

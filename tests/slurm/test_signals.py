@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from radiodiff_resume.slurm.signals import DEFAULT_SIGNALS, StopFlag, signal_number
+from radiodiff_resume.slurm.signals import DEFAULT_SIGNALS, StopFlag, agreed_reason, signal_number
 
 
 @pytest.fixture
@@ -94,3 +94,17 @@ def test_after_the_work_a_late_signal_is_ignored_not_fatal() -> None:
     assert ignored.returncode == 0, ignored.stderr
     handled = subprocess.run([sys.executable, "-c", code, "keep"], capture_output=True, text=True)
     assert handled.returncode == -signal.SIGUSR1, "without ignore() the late signal kills the exit"
+
+
+@pytest.mark.parametrize(("reasons", "agreed"), [
+    ([None, "SIGUSR2"], ("SIGUSR2", 1)),
+    (["SIGUSR2", None], ("SIGUSR2", 0)),
+    (["SIGUSR2", "SIGTERM"], ("SIGTERM", 1)),
+    ([None, "SIGUSR1", "SIGUSR2"], ("SIGUSR1", 1)),
+    (["SIGUSR2"], ("SIGUSR2", 0)),
+])
+def test_every_rank_acts_on_one_reason(reasons: list[str | None], agreed: tuple[str, int]) -> None:
+    """Rank 0 decides the requeue: it must learn the signal another rank saw first (it was
+    "another rank" before, and a 2-node job at its time limit was not requeued), and a cancel
+    anywhere must not be undone by a requeue."""
+    assert agreed_reason(reasons) == agreed

@@ -100,7 +100,9 @@ def test_a_signal_to_one_rank_stops_both_at_one_step(tmp_path: Path, synth_cache
 
     events = [json.loads(x) for x in (results / "events.jsonl").read_text().splitlines()]
     [stop] = [e for e in events if e["event"] == "stopped"]
-    assert stop["reason"] == "another rank", "rank 0 stopped because rank 1 asked (rank 0 writes events)"
+    assert (stop["reason"], stop["rank"]) == ("SIGUSR1", 1), \
+        "rank 0 (which writes events and decides a requeue) knows which signal rank 1 got"
+    assert "stop requested (SIGUSR1 on rank 1)" in ended[0][1] and "(SIGUSR1 on rank 1)" in ended[1][1]
     assert 4 <= stop["step"] < STEPS
     committed = sorted(p.name for p in (results / "checkpoints").iterdir() if p.name.startswith("step-"))
     assert committed[-1] == f"step-{stop['step']:08d}", "the stop step's checkpoint is the newest"
