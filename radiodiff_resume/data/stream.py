@@ -118,6 +118,16 @@ class BatchStream:
     def __iter__(self) -> BatchStream:
         return self
 
+    def close(self) -> None:
+        """Shut the DataLoader workers down now; the next batch starts new ones.
+
+        They ignore the stop signals (:meth:`StopFlag.worker_init_fn`), SIGTERM included, so the
+        ``terminate()`` that multiprocessing sends its daemon children at interpreter exit cannot end
+        them; a trainer kept alive by a reference cycle until then would leave the process waiting
+        for its workers forever. Dropping the iterator makes it shut them down in order.
+        """
+        self._iterator = None
+
     def state_dict(self) -> dict[str, int]:
         """The global data position: identical on every rank."""
         return {"epoch": self.epoch, "offset": self.offset}

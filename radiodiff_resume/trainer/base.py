@@ -175,6 +175,12 @@ class Trainer:
         return tp.cast(nn.Module, self.accelerator.unwrap_model(self.model))
 
     def fit(self) -> None:
+        try:
+            self._fit()
+        finally:
+            self.train_stream.close()
+
+    def _fit(self) -> None:
         total = self.loop.train_num_steps
         self.restore()
         logger.info("%s: training steps %d..%d", self.stage, self.state.step, total)

@@ -4,12 +4,19 @@ and a resume with another world size or batch size neither skips nor repeats a s
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch.utils.data import Dataset
 
 from radiodiff_resume.data.stream import BatchStream, epoch_order
 from radiodiff_resume.errors import DataError
+from tests.conftest import REPO
 
 
 class Numbers(Dataset):
@@ -181,3 +188,53 @@ def test_offset_zero_keeps_the_full_epoch() -> None:
     perm = epoch_order(N, SEED, 0).tolist()
     assert s.rank_batches(0) == [perm[1:24:2][i : i + 3] for i in range(0, 12, 3)]
     assert s.rank_batches(0, 12) == s.rank_batches(0)[2:]
+
+
+EXIT_SCRIPT = """
+import sys
+
+import torch
+
+from radiodiff_resume.data.stream import BatchStream
+from radiodiff_resume.slurm.signals import STOP
+
+STOP.install()  # as a command does first: its DataLoader workers then ignore SIGTERM too
+
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return {"x": torch.tensor(i)}
+
+
+KEPT = BatchStream(Items(), 2, num_workers=1)  # alive until after multiprocessing's exit handler
+next(KEPT)
+if sys.argv[1] == "close":
+    KEPT.close()
+print("done", flush=True)
+"""
+
+
+@pytest.mark.parametrize("close", [True, False], ids=["closed", "left-open"])
+def test_a_closed_stream_lets_the_process_exit(tmp_path: Path, close: bool) -> None:
+    """At exit, multiprocessing terminates its daemon children with SIGTERM, which our workers ignore,
+    then joins them: a stream still open then hangs the process (the stop test's hang), a closed one
+    does not. The left-open case shows the hang is real, so the closed case can fail."""
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script), "close" if close else "open"], env=env,
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60 if close else 10)
+        hung = False
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process and its stuck worker
+        out, _ = proc.communicate()
+        hung = True
+    assert out.strip() == "done"
+    assert hung is not close
+    if close:
+        assert proc.returncode == 0
