@@ -27,9 +27,11 @@ from tests.conftest import REPO, tiny_raw, write_random_first_stage
 from tests.slurm.cluster import job_info, output_tail, sbatch, wait_for
 from tests.trainer.test_resume_exact import Weights, assert_bit_identical, final_tensors, run_to_end
 
-STEPS, EVERY = 800, 50
-"""About 40 s of training on one core: longer than the first signal comes (at most 30 s into a
-1-minute job), so every time-limited job is stopped and requeued at least once."""
+STEPS, EVERY = 2000, 50
+"""About 50 s of training on one idle core (39 steps/s measured here; 800 steps once finished in 20 s,
+before the signal, and the job was never requeued), longer on a loaded one: always longer than the
+first signal comes (at most 30 s into a 1-minute job, minus ~7 s of start-up), so every time-limited
+job is stopped and requeued at least once."""
 
 
 def write_config(folder: Path, synth_cache: Path, name: str, ae: Path, **slurm: tp.Any) -> Path:
