@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 
-from radiodiff_resume.config import Config, PluginConfig, get_target
+from radiodiff_resume.config import RADIODIFF_OBJECTIVES, Config, PluginConfig, get_target
 from radiodiff_resume.data.radiomapseer import RadioMapSeer
 from radiodiff_resume.data.synthetic import ensure_synthetic
 from radiodiff_resume.errors import ConfigError, UserError
@@ -46,7 +46,8 @@ def dataset_root(cfg: Config) -> Path:
     if cfg.data.root is not None:
         return Path(cfg.data.root).expanduser()
     s = cfg.data.synthetic
-    return ensure_synthetic(s.cache_dir, s.num_maps, s.tx_per_map, s.seed, s.size)
+    return ensure_synthetic(s.cache_dir, s.num_maps, s.tx_per_map, s.seed, s.size,
+                            simulations=(cfg.data.simulation,), cars=cfg.data.cars)
 
 
 def build_datasets(cfg: Config, root: Path | None) -> tuple[Dataset, Dataset]:
@@ -60,7 +61,7 @@ def build_datasets(cfg: Config, root: Path | None) -> tuple[Dataset, Dataset]:
     assert root is not None, "dataset_root() must be resolved for the built-in dataset"
     common = dict(
         root=root, image_size=d.image_size, val_fraction=d.val_fraction,
-        split_seed=d.split_seed, simulation=d.simulation, split_mode=d.split,
+        split_seed=d.split_seed, simulation=d.simulation, split_mode=d.split, cars=d.cars,
     )
     return (
         RadioMapSeer(split="train", max_samples=d.max_train_samples, **common),
@@ -165,34 +166,60 @@ def build_ldm(cfg: Config, first_stage: nn.Module) -> ConditionalLDM:
     m = cfg.model
     channels, height, width = latent_geometry(first_stage, cfg.data.image_size)
     downsample = cfg.data.image_size // height
-    cond_encoder = instantiate(
-        "model.cond_encoder", m.cond_encoder.target, m.cond_encoder.params,
-        in_channels=3, downsample=downsample,
-    )
-    cond_channels = _out_channels(cond_encoder, cfg.data.image_size)
-    radiodiff = m.objective == "radiodiff"
-    unet = instantiate(
-        "model.unet", m.unet.target, m.unet.params,
-        sample_size=height, in_channels=channels + cond_channels,
-        out_channels=2 * channels if radiodiff else channels,  # radiodiff: drift C and noise
-    )
+    radiodiff = m.objective in RADIODIFF_OBJECTIVES
+    if getattr(get_target(m.unet.target), "takes_condition", False):
+        unet, cond_encoder = _conditioning_unet(cfg, (channels, height, width)), nn.Identity()
+        what = f"the raw {cfg.data.image_size}x{cfg.data.image_size} condition into {m.unet.target}"
+    else:
+        cond_encoder = instantiate(
+            "model.cond_encoder", m.cond_encoder.target, m.cond_encoder.params,
+            in_channels=3, downsample=downsample,
+        )
+        cond_channels = _out_channels(cond_encoder, cfg.data.image_size)
+        unet = instantiate(
+            "model.unet", m.unet.target, m.unet.params,
+            sample_size=height, in_channels=channels + cond_channels,
+            out_channels=2 * channels if radiodiff else channels,  # radiodiff: drift C and noise
+        )
+        what = f"condition features {cond_channels} channels"
     scheduler = DDPMScheduler(
         num_train_timesteps=m.timesteps,
         beta_schedule=m.beta_schedule,
         prediction_type=m.prediction_type,
         clip_sample=False,
     )
-    logger.info(
-        "latent %dx%dx%d (downsample %d), condition features %d channels",
-        channels, height, width, downsample, cond_channels,
-    )
+    logger.info("latent %dx%dx%d (downsample %d), %s", channels, height, width, downsample, what)
     return ConditionalLDM(
         first_stage, unet, cond_encoder, scheduler, (channels, height, width),
         scale_factor=m.scale_factor, loss_type=m.loss_type,
         sampling_timesteps=m.sampling_timesteps,
         const_sde=ConstantSDE(eps=m.eps, loss_type=m.loss_type, weighting_loss=m.weighting_loss,
-                              use_l1=m.use_l1) if radiodiff else None,
+                              use_l1=m.use_l1, weighting="paper" if m.objective == "radiodiff_paper"
+                              else "radiodiff") if radiodiff else None,
     )
+
+
+def _conditioning_unet(cfg: Config, latent: tuple[int, int, int]) -> nn.Module:
+    """A denoiser that encodes the raw condition itself (RadioDiff's network): its params are the
+    user's as they are (upstream's names), checked against the latent it will see. Parameters its forward
+    never reaches (upstream's unused Swin head, say) are frozen, so that DDP does not wait for their
+    gradients; upstream's AdamW never changes them either (no gradient, no step)."""
+    m = cfg.model
+    if m.objective not in RADIODIFF_OBJECTIVES:
+        raise ConfigError(f"model.unet.target: {m.unet.target} predicts RadioDiff's drift and noise; set "
+                          "model.objective=radiodiff (or radiodiff_paper)")
+    unet = instantiate("model.unet", m.unet.target, m.unet.params)
+    channels, height, width = latent
+    if getattr(unet, "channels", channels) != channels:
+        raise ConfigError(f"model.unet.params.channels: got {unet.channels}, but the first stage's latent "
+                          f"has {channels} channels; set model.unet.params.channels={channels}")
+    try:
+        unet.check_latent_size(height, width)
+    except ValueError as exc:
+        raise ConfigError(f"model.unet.params / data.image_size={cfg.data.image_size}: {exc}") from None
+    for name in getattr(unet, "unused_parameters", list)():
+        unet.get_parameter(name).requires_grad_(False)
+    return tp.cast(nn.Module, unet)
 
 
 def _out_channels(cond_encoder: nn.Module, image_size: int) -> int:

@@ -17,7 +17,7 @@ import typing as tp
 from radiodiff_resume.errors import HaltError, StopRequested, UserError
 from radiodiff_resume.slurm.environment import export_torch_env
 from radiodiff_resume.slurm.signals import STOP
-from radiodiff_resume.tools import convert_config, doctor, dry_run, importer, report
+from radiodiff_resume.tools import convert_config, doctor, dry_run, evaluate, export, importer, report
 
 EXIT_USER_ERROR = 2
 EXIT_STOPPED = 3
@@ -25,6 +25,21 @@ EXIT_STOPPED = 3
 EXIT_HALTED = 4
 """Halted to protect the run's state (guards exhausted, a save refused or failed): resuming as is
 would meet the same problem, so a scheduler must not requeue it blindly."""
+EXIT_STATUS = {
+    "train": "Exit 0: trained to trainer.train_num_steps; 2: a user error (config, data or files; one "
+             "'error:' line, no traceback); 3: stopped on request (a signal) after committing a checkpoint: "
+             "run the same command to resume; 4: halted to protect the run's state (guards could not "
+             "recover, a save was refused or failed): read events.jsonl before running it again.",
+    "submit": "Exit 0: submitted (with --local: the job finished); 2: a user error, or the --local job "
+              "failed or ended unfinished (its log is named).",
+    "import": "Exit 0: converted, written and read back; 2: a user error or a refused source (one 'error:' "
+              "line; nothing is written).",
+    "report": "Exit 0: summary printed and PNG written; 2: a user error (no such run folder, no log in it, "
+              "--out not writable).",
+    "convert-config": "Exit 0: translated; 2: a user error (the file is missing, not YAML, or no config).",
+}
+"""What each verb's exit status means, at the end of its ``--help``; the other verbs say it in their
+own descriptions (``dry-run`` and ``doctor`` exit 1 when a check failed)."""
 
 
 def is_main_process() -> bool:
@@ -41,7 +56,8 @@ def setup_logging() -> None:
 
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Train a conditional latent diffusion model (RadioDiff-style)."
+        prog=prog, description="Train a conditional latent diffusion model (RadioDiff-style).",
+        epilog=EXIT_STATUS["train"],
     )
     parser.add_argument("--cfg", required=True, help="YAML config, e.g. configs/radio_tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.lr=1e-4")
@@ -96,10 +112,14 @@ def main(argv: tp.Sequence[str] | None = None) -> int:
                             help="run the same job here through submitit's local executor, and wait")
     submit_cmd.set_defaults(func=cmd_submit)
     importer.register(sub)
+    export.register(sub)
     dry_run.register(sub)
     doctor.register(sub)
     report.register(sub)
     convert_config.register(sub)
+    evaluate.register(sub)
+    for verb, status in EXIT_STATUS.items():
+        sub.choices[verb].epilog = status
     args = parser.parse_args(argv)
     return run_command(args.func, args)
 

@@ -34,12 +34,14 @@ MIXED_PRECISIONS = ("no", "fp16", "bf16")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 LDM_LOSSES = ("l2", "l1")
-OBJECTIVES = ("ddpm", "radiodiff")
-SPLITS = ("maps", "radiodiff")
+OBJECTIVES = ("ddpm", "radiodiff", "radiodiff_paper")
+RADIODIFF_OBJECTIVES = ("radiodiff", "radiodiff_paper")
+SPLITS = ("maps", "radiodiff", "radiodiff_600")
 LR_SCHEDULES = ("radiodiff", "cosine")
 RECON_LOSSES = ("charbonnier", "l1")
 CLIP_MODES = ("zscore", "agc", "fixed", "none")
 NONFINITE_GRADS = ("skip", "scrub")
+GUARD_PROFILES = ("protective", "faithful")
 
 
 @dataclass
@@ -142,7 +144,11 @@ class DataConfig:
     """RadioMapSeer folder; null uses the synthetic dataset from ``data.synthetic``."""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     simulation: str = "DPM"
-    """Which ``gain/<simulation>`` maps are the targets."""
+    """Which ``gain/<simulation>`` maps are the targets: ``DPM``, ``IRT2`` ... (the synthetic
+    stand-in has ``DPM`` and ``IRT2``)."""
+    cars: bool = False
+    """RadioDiff's dynamic radio map (its ``DPMCAR`` data): the car map (``png/cars``) replaces
+    the second buildings channel of the condition, and the target is ``gain/cars<simulation>``."""
     image_size: int = 256
     """Side the maps are resized to before training."""
     batch_size: int | None = 8
@@ -153,7 +159,9 @@ class DataConfig:
     number of processes)."""
     split: str = "maps"
     """``maps``: a seeded map-level split by ``val_fraction`` / ``split_seed``. ``radiodiff``:
-    RadioDiff's fixed split of RadioMapSeer's maps (so validation numbers compare with the paper)."""
+    RadioDiff's fixed split of RadioMapSeer's maps as released with the paper (501 training maps),
+    so validation numbers compare with the paper. ``radiodiff_600``: the split of RadioDiff's later
+    loaders (601 training maps, one of them also the first validation and test map)."""
     val_fraction: float = 0.1
     """Fraction of maps (not samples) held out for validation (``split: maps``)."""
     split_seed: int = 0
@@ -244,8 +252,10 @@ class ModelConfig:
     """Condition encoder; called with ``in_channels`` and ``downsample`` added."""
     objective: str = "ddpm"
     """``ddpm``: DDPM loss, DDIM sampling. ``radiodiff``: RadioDiff's decoupled constant-SDE diffusion
-    (continuous time, the denoiser predicts drift and noise with twice the latent channels); it
-    ignores ``timesteps``, ``beta_schedule`` and ``prediction_type``."""
+    (continuous time, the denoiser predicts drift and noise) with the loss weights of upstream's current
+    ``LatentDiffusion`` (``2 exp(1 - t)``, ``exp(sqrt t)``); ``radiodiff_paper``: the same with the weights
+    of the code released with the paper (``(t + 1)/sqrt t``, ``sqrt(2 - t)/sqrt(1 - t + eps)``). Both
+    ignore ``timesteps``, ``beta_schedule`` and ``prediction_type``."""
     timesteps: int = 1000
     """Diffusion steps of the DDPM noise schedule."""
     sampling_timesteps: int = 50
@@ -259,7 +269,9 @@ class ModelConfig:
     eps: float = 1e-4
     """``radiodiff`` only: smallest training time and the time of the last sampling step."""
     weighting_loss: bool = True
-    """``radiodiff`` only: RadioDiff's time weighting of the drift and noise loss terms."""
+    """``radiodiff`` objectives only: weigh the drift and noise loss terms by time, as upstream's
+    ``weighting_loss`` does (the paper-release code applied its weights whatever the flag said; here
+    false turns them off for both)."""
     use_l1: bool = True
     """``radiodiff`` only: average the ``loss_type`` terms with the same terms in L1."""
     scale_factor: float = 1.0
@@ -367,6 +379,12 @@ class GuardConfig:
 
     enabled: bool = True
     """False: the plain loop (clip to ``trainer.max_grad_norm``, step); for comparisons only."""
+    profile: str = "protective"
+    """``protective``: every guard as configured. ``faithful``: what RadioDiff itself does to a healthy
+    step, for reproducing its numbers: gradients clipped to ``trainer.max_grad_norm`` only
+    (``clip.mode: fixed``) and no loss-spike skipping (``loss.spike_zscore: null``); the non-finite
+    checks, skips, running-statistics repair and rollbacks stay on (RadioDiff has none: a step they act
+    on is one that would have put NaN into its weights)."""
     nonfinite_grads: str = "skip"
     """``skip``: no optimizer, LR, EMA or step advance; ``scrub``: set non-finite entries to 0,
     then clip and step."""
@@ -489,6 +507,7 @@ def build_config(
     cfg: Config | None = None
     if not any(p.endswith(": required but not set") for p in problems):
         cfg = tp.cast(Config, OmegaConf.to_object(schema))
+        problems.extend(apply_guard_profile(cfg.guard))
         reported = [p.split(":", 1)[0] for p in problems]
         problems.extend(p for p in validate(cfg) if not any(_mentions(p, k) for k in reported))
     if problems:
@@ -660,7 +679,7 @@ def validate(cfg: Config) -> list[str]:
     m = cfg.model
     need(m.objective in OBJECTIVES, "model.objective", m.objective, ", ".join(OBJECTIVES))
     need(m.timesteps >= 1, "model.timesteps", m.timesteps, ">= 1")
-    if m.objective == "radiodiff":
+    if m.objective in RADIODIFF_OBJECTIVES:
         need(m.sampling_timesteps >= 1, "model.sampling_timesteps", m.sampling_timesteps, ">= 1")
         need(0 < m.eps < 1 / max(m.sampling_timesteps, 1), "model.eps", m.eps,
              "0 < eps < 1/model.sampling_timesteps (the stride from t=1 to eps must stay positive)")
@@ -684,13 +703,7 @@ def validate(cfg: Config) -> list[str]:
                         "model.scale_by_std=true and model.default_scale=true (as in RadioDiff: "
                         + ("1/std is measured instead" if m.scale_by_std else "latents are not scaled")
                         + "); set both to use it, or remove model.scale_factor")
-    for key, target in (
-        ("model.first_stage.target", fs.target),
-        ("model.unet.target", m.unet.target),
-        ("model.cond_encoder.target", m.cond_encoder.target),
-        ("data.train.target", cfg.data.train.target if cfg.data.train else None),
-        ("data.validation.target", cfg.data.validation.target if cfg.data.validation else None),
-    ):
+    for key, target in targets_in(to_dict(cfg)).items():
         if target is not None:
             err = _import_problem(target)
             if err:
@@ -721,10 +734,16 @@ def validate(cfg: Config) -> list[str]:
     need(d.image_size >= 8, "data.image_size", d.image_size, ">= 8")
     need(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "0 < fraction < 1")
     need(d.split in SPLITS, "data.split", d.split, ", ".join(SPLITS))
-    if d.split == "radiodiff" and d.root is None and d.train is None:
-        problems.append("data.split: radiodiff selects RadioDiff's maps of the RadioMapSeer release, but "
+    if d.split in SPLITS[1:] and d.root is None and d.train is None:
+        problems.append(f"data.split: {d.split} selects RadioDiff's maps of the RadioMapSeer release, but "
                         "data.root is null (the synthetic stand-in has other maps); set "
                         "data.root=/path/to/RadioMapSeer, or data.split=maps")
+    if d.cars and d.simulation.startswith("cars"):
+        problems.append(f"data.simulation: got {d.simulation!r} with data.cars: true, which reads gain/"
+                        f"cars<simulation> itself; set data.simulation={d.simulation.removeprefix('cars')}")
+    if d.root is None and d.train is None and d.simulation not in ("DPM", "IRT2"):
+        problems.append(f"data.simulation: got {d.simulation!r} with data.root: null; the synthetic "
+                        "stand-in simulates DPM and IRT2 only: set data.root=/path/to/RadioMapSeer")
     need(d.num_workers >= 0, "data.num_workers", d.num_workers, ">= 0")
     for k in ("max_train_samples", "max_val_samples"):
         v = getattr(d, k)
@@ -738,7 +757,24 @@ def validate(cfg: Config) -> list[str]:
     return problems
 
 
+def apply_guard_profile(g: GuardConfig) -> list[str]:
+    """Set what ``guard.profile: faithful`` turns off; a value that contradicts it is a problem (the
+    schema's defaults are taken as unset: ``clip.mode`` zscore, ``loss.spike_zscore`` 6)."""
+    if g.profile != "faithful":
+        return []
+    defaults = GuardConfig()
+    problems = [f"guard.{key}: got {value!r}, but guard.profile=faithful sets it to {wanted!r}; remove it or "
+                "use guard.profile=protective"
+                for key, value, default, wanted in (
+                    ("clip.mode", g.clip.mode, defaults.clip.mode, "fixed"),
+                    ("loss.spike_zscore", g.loss.spike_zscore, defaults.loss.spike_zscore, None))
+                if value not in (default, wanted)]
+    g.clip.mode, g.loss.spike_zscore = "fixed", None
+    return problems
+
+
 def _check_guard(g: GuardConfig, need: tp.Callable[[bool, str, tp.Any, str], None]) -> None:
+    need(g.profile in GUARD_PROFILES, "guard.profile", g.profile, ", ".join(GUARD_PROFILES))
     need(g.nonfinite_grads in NONFINITE_GRADS, "guard.nonfinite_grads", g.nonfinite_grads,
          ", ".join(NONFINITE_GRADS))
     lo = g.loss
@@ -791,6 +827,24 @@ def _check_slurm(c: SlurmConfig, need: tp.Callable[[bool, str, tp.Any, str], Non
     need(bool(c.job_name), "slurm.job_name", c.job_name, "a name")
 
 
+TARGET_KEYS = ("model.first_stage.target", "model.unet.target", "model.cond_encoder.target",
+               "data.train.target", "data.validation.target")
+"""Every key whose value names code to import and call (:func:`get_target`)."""
+
+
+def targets_in(tree: tp.Mapping[str, tp.Any]) -> dict[str, tp.Any]:
+    """The value at each of :data:`TARGET_KEYS` in a plain config tree (None where there is none), read
+    without importing anything: how a config from elsewhere (a checkpoint's) is checked before it is
+    built."""
+    found = {}
+    for key in TARGET_KEYS:
+        node: tp.Any = tree
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        found[key] = node
+    return found
+
+
 def _import_problem(target: str) -> str | None:
     module_name, _, attr = target.rpartition(".")
     if not module_name:
@@ -805,7 +859,9 @@ def _import_problem(target: str) -> str | None:
 
 
 def get_target(target: str) -> tp.Callable[..., tp.Any]:
-    """The class or function a validated ``target`` names."""
+    """The class or function a validated ``target`` names. Importing it runs code, so a target must
+    come from the user's own config: a checkpoint's stored config is checked against the user's first
+    (``doctor --fix``), never built on its own."""
     module_name, _, attr = target.rpartition(".")
     return tp.cast(tp.Callable[..., tp.Any], getattr(importlib.import_module(module_name), attr))
 

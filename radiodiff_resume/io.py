@@ -1,16 +1,124 @@
-"""Durable file writes: write aside, fsync, rename into place, fsync the folder.
+"""Durable file writes (write aside, fsync, rename into place, fsync the folder) and safe reads.
 
-A reader never sees a half-written file under the final name, even after a crash.
+A reader never sees a half-written file under the final name, even after a crash. And a file a run
+keeps in its results folder is only ever opened when it is a regular file: a symbolic link there
+points at something that is not the run's (writing through it would change its target), a FIFO
+blocks its reader forever, a device such as ``/dev/zero`` never ends.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
+import stat
+import typing as tp
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from radiodiff_resume.errors import UserError
+
+if tp.TYPE_CHECKING:
+    import torch
+
+MAX_DOCUMENT_BYTES = 16 << 20
+"""Most bytes read of a config or ledger (``config.yaml``, ``restarts.json``): hundreds of times what a
+run writes there; a larger file is refused instead of being read into memory."""
+MAX_LOG_BYTES = 256 << 20
+"""Most bytes read of a log (``events.jsonl``, ``metrics.jsonl``): about a million records; a larger
+file is refused instead of being read into memory."""
+_KINDS = {stat.S_IFLNK: "a symbolic link", stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder", stat.S_IFSOCK: "a socket"}
+_NOT_REGULAR_ERRNOS = {errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENODEV}
+"""What ``open`` says for a path that is not a regular file: a link under O_NOFOLLOW, a folder opened
+for writing, a FIFO without a reader opened for writing without blocking, a device without a driver."""
+ADVICE = "remove it (or put back the file the run wrote there) and run the command again"
+
+
+class NotRegularFile(UserError):
+    """A path where a run keeps one of its files holds a link, a FIFO, a device or a folder."""
+
+
+def not_regular(path: Path, advice: str = ADVICE) -> NotRegularFile:
+    """The one-line refusal for ``path``, saying what it is (and where a link points)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        kind = "not a regular file"
+    else:
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        if stat.S_ISLNK(mode):
+            try:
+                kind += f" to {os.readlink(path)}"
+            except OSError:
+                pass
+    return NotRegularFile(f"{path} is {kind}, not a regular file, so it is not opened: {advice}")
+
+
+def is_regular_file(path: Path) -> bool:
+    """True for a regular file, False when nothing is there; :class:`NotRegularFile` for anything else
+    (never follows a link)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(mode):
+        raise not_regular(path)
+    return True
+
+
+def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644, advice: str = ADVICE) -> int:
+    """A descriptor of ``path`` only if it is a regular file (created as one when ``flags`` ask):
+    never through a link, never blocking on a FIFO, never a device. :class:`NotRegularFile` for
+    anything else; ``OSError`` for a missing file and the like."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    except OSError as exc:
+        if exc.errno in _NOT_REGULAR_ERRNOS:
+            raise not_regular(path, advice) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise not_regular(path, advice)
+    return fd
+
+
+def read_regular(path: Path, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
+    """The bytes of the regular file ``path`` (see :func:`open_regular`), refused above ``limit``."""
+    with os.fdopen(open_regular(path), "rb") as f:
+        too_big = os.fstat(f.fileno()).st_size > limit
+        data = b"" if too_big else f.read(limit + 1)  # a file still growing stops at the limit too
+    if too_big or len(data) > limit:
+        raise UserError(f"{path} holds more than {limit >> 20} MiB, more than a run writes there, so it is "
+                        "not read: move it out of the way and run the command again")
+    return data
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` (newline included) to the regular file ``path``, creating it if missing. After
+    a torn last line (a process killed mid-write) it starts a new line, so only that line is lost."""
+    fd = open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    try:
+        size = os.fstat(fd).st_size
+        torn = size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+        view = memoryview(("\n" if torn else "").encode() + line.encode("utf-8"))
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
+
+
+def json_objects(data: bytes) -> list[dict[str, tp.Any]]:
+    """The JSON objects of ``data``, one a line; a line that is not one (the last line of a process
+    killed mid-write, nesting too deep to parse) is skipped, never fatal."""
+    found = []
+    for raw in data.splitlines():
+        try:
+            value = json.loads(raw) if raw.strip() else None
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(value, dict):
+            found.append(value)
+    return found
 
 
 def fsync_dir(path: Path) -> None:
@@ -40,7 +148,10 @@ def commit_file(tmp: Path, final: Path) -> None:
 def save_tensors_atomic(
     path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    """Save ``tensors`` as safetensors at ``path`` atomically."""
+    """Save ``tensors`` as safetensors at ``path`` atomically (torch is imported here, not with this
+    module, so that the readers above serve tools that never load it)."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}

@@ -15,6 +15,13 @@ pid reused, host rebooted, or an earlier incarnation of our own SLURM job).
 Only one process per job should take the lock (the main process): all ranks of one
 SLURM job share its job id, and the fallback takes a record of our own job id written on
 another host for "our own previous incarnation".
+
+The lock file is only ever opened as a regular file (:func:`radiodiff_resume.io.open_regular`): a
+symbolic link, FIFO, device or folder named ``.lock`` is refused with one line naming it, never
+followed (the target would be truncated), never read (a FIFO would block). ``filelock`` is not used:
+what it does differs between the versions torch accepts (3.x opens the lock file with O_TRUNC through
+a link, and keeps no holder record), and the record naming the SLURM job, the takeover warning and the
+no-flock rules (an earlier incarnation of the same job) would remain ours anyway.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import time
 from pathlib import Path
 
 from radiodiff_resume.errors import UserError
+from radiodiff_resume.io import open_regular
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +52,8 @@ _SLURM_VARS = {
     "slurm_restart_count": "SLURM_RESTART_COUNT",
 }
 _ADVICE = "or use another trainer.results_folder"
+_NOT_REGULAR_ADVICE = ("a run keeps its lock there as a regular file: remove it and run the command again, "
+                       + _ADVICE)
 _RECORD_MAX = 1 << 16
 # Lock files held by RunLock objects of this process: tells "another RunLock here holds it"
 # apart from "a record this process left behind" under the fallback, where pids are equal.
@@ -55,6 +65,11 @@ Record = dict[str, str | int]
 
 class LockHeld(UserError):
     """Another live job holds the results folder."""
+
+
+class LockUnusable(LockHeld):
+    """The results folder or its lock file cannot be used (not a folder, not a regular file, not
+    writable); a :class:`LockHeld` so that every caller stops all ranks on it alike."""
 
 
 class _NoFlock(Exception):
@@ -256,7 +271,7 @@ class RunLock:
         """Who holds the lock now ('<host> pid <pid> ...'), or None; takes nothing and writes nothing
         (a shared ``flock`` probe on a read-only descriptor; None where the filesystem has no flock)."""
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = self._open(os.O_RDONLY)
         except OSError:
             return None
         try:
@@ -278,7 +293,10 @@ class RunLock:
         """
         if self.held:
             raise RuntimeError(f"{self.path} is already held by this RunLock")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LockUnusable(self._unusable_folder(exc)) from None
         key = self.path.resolve()
         if key in _HELD_HERE:  # cheap and exact; flock would say the same, the fallback could not
             raise LockHeld(_held_message(self.path, self._read_record_file()))
@@ -359,15 +377,36 @@ class RunLock:
 
     def _open_file(self) -> tuple[int, bool]:
         """(fd, whether we created the file); fd -1 if it vanished between the two opens."""
-        flags = os.O_RDWR | os.O_CLOEXEC
         try:
-            return os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+            return self._open(os.O_RDWR | os.O_CREAT | os.O_EXCL), True
         except FileExistsError:
             pass
+        except OSError as exc:
+            raise LockUnusable(self._unusable_folder(exc)) from None
         try:
-            return os.open(self.path, flags), False
+            return self._open(os.O_RDWR), False
         except FileNotFoundError:
             return -1, False
+        except OSError as exc:
+            raise LockUnusable(self._unusable_folder(exc)) from None
+
+    def _open(self, flags: int) -> int:
+        """The lock file, opened only as a regular file (:class:`LockUnusable` otherwise)."""
+        try:
+            return open_regular(self.path, flags, advice=_NOT_REGULAR_ADVICE)
+        except UserError as exc:
+            raise LockUnusable(str(exc)) from None
+
+    def _unusable_folder(self, exc: OSError) -> str:
+        """One line for a results folder that cannot hold the lock (a file, under /proc, read-only)."""
+        folder = self.path.parent
+        why = exc.strerror or str(exc)
+        if isinstance(exc, FileExistsError):
+            why = "it exists and is not a folder"
+        if exc.filename and str(exc.filename) != str(folder):
+            why += f" ({exc.filename})"
+        return (f"The results folder {folder} cannot be used: {why}; point trainer.results_folder at a "
+                "folder this job can create and write.")
 
     def _discard_created(self, fd: int, created: bool) -> None:
         """Remove the empty file our flock attempt created, so the fallback starts from scratch."""
@@ -390,7 +429,7 @@ class RunLock:
 
     def _same_inode(self, fd: int) -> bool:
         try:
-            st = self.path.stat()
+            st = self.path.lstat()
         except FileNotFoundError:
             return False
         fst = os.fstat(fd)
@@ -551,10 +590,13 @@ class RunLock:
 
     def _read_raw(self) -> bytes | None:
         try:
-            with open(self.path, "rb") as f:
-                return f.read(_RECORD_MAX)
+            fd = self._open(os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            return os.pread(fd, _RECORD_MAX, 0)
+        finally:
+            os.close(fd)
 
     def _read_record_file(self) -> Record | None:
         raw = self._read_raw()

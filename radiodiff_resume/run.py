@@ -179,8 +179,9 @@ def ready_first_stage(
     if not ckpt.exists():
         if not fs.train_if_missing:
             raise UserError(
-                f"first-stage weights {ckpt} not found (model.first_stage.ckpt_path); point it at "
-                "a trained autoencoder, or set model.first_stage.train_if_missing=true to train one first"
+                f"first-stage weights {ckpt} not found (model.first_stage.ckpt_path); point it at a trained "
+                "autoencoder, write it from RadioDiff's first stage with `radiodiff-resume import "
+                "model-N.pt --cfg CFG`, or set model.first_stage.train_if_missing=true to train one first"
             )
         logger.info(
             "first stage: %s is missing and model.first_stage.train_if_missing=true: "

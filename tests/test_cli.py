@@ -3,6 +3,7 @@ no traceback; a real run through ``train_cond_ldm.py``."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from radiodiff_resume.cli import main
 from tests.conftest import REPO, tiny_raw
 
 
@@ -60,3 +62,22 @@ def test_train_cond_ldm_runs_end_to_end(tmp_path: Path, synth_cache: Path) -> No
     assert (out / "ae.safetensors").is_file()
     assert (out / "final" / "model.safetensors").is_file()
     assert yaml.safe_load((out / "config.yaml").read_text())["trainer"]["train_num_steps"] == 4
+
+
+def help_text(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--help"])
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_every_verb_says_what_its_exit_statuses_mean(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every verb the CLI lists, and train_cond_ldm.py: its --help ends the guessing about status 2/3/4."""
+    verbs = re.search(r"\{([\w,-]+)\}", help_text(capsys)).group(1).split(",")  # type: ignore[union-attr]
+    assert {"train", "submit", "import", "dry-run", "doctor", "report", "convert-config"} <= set(verbs)
+    for verb in verbs:
+        assert re.search(r"Exit 0: [^;]+; (1: [^;]+; )?2: ", help_text(capsys, verb)), verb
+    assert "3: stopped on request" in help_text(capsys, "train")
+    assert "4: halted to protect the run's state" in help_text(capsys, "train")
+    proc = run(str(REPO / "train_cond_ldm.py"), "--help")
+    assert proc.returncode == 0 and "3: stopped on request" in " ".join(proc.stdout.split())

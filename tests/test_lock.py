@@ -230,6 +230,68 @@ def test_holder_record_fields(monkeypatch: pytest.MonkeyPatch) -> None:
         assert isinstance(rec["start_time"], int)
 
 
+# ---------------------------------------------------------------- what is not a lock file
+
+PROBE = """
+import sys
+from pathlib import Path
+from radiodiff_resume.lock import LockHeld, RunLock
+lk = RunLock(Path(sys.argv[1]))
+for name, call in (("live_holder", lk.live_holder), ("acquire", lk.acquire)):
+    try:
+        print(name, "returned", call())
+    except LockHeld as exc:
+        print(name, "refused", exc)
+    except OSError as exc:
+        print(name, "crashed", exc)
+"""
+
+
+def test_a_symlinked_lock_is_refused_in_one_line_and_its_target_left_whole(tmp_path: Path) -> None:
+    target = tmp_path / "precious.txt"
+    target.write_text("not a lock\n")
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / ".lock"
+    lock.symlink_to(target)
+    for call in (RunLock(lock.parent).acquire, RunLock(lock.parent).live_holder):
+        with pytest.raises(LockHeld) as info:
+            call()
+        msg = str(info.value)
+        assert msg.startswith(f"{lock} is a symbolic link to {target}, not a regular file"), msg
+        assert "\n" not in msg and "remove it" in msg
+    assert target.read_text() == "not a lock\n" and lock.is_symlink()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_lock_that_is_a_fifo_or_folder_is_refused_without_blocking(tmp_path: Path, kind: str) -> None:
+    """In a child under a timeout: opening a FIFO to read blocks until a writer comes, which none does."""
+    lock = tmp_path / ".lock"
+    if kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    proc = run_python(PROBE, str(tmp_path))
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout + proc.stderr
+    for name, line in zip(("live_holder", "acquire"), lines, strict=True):
+        assert line.startswith(f"{name} refused {lock} is a {'FIFO' if kind == 'fifo' else 'folder'}, not a "
+                               "regular file"), line
+
+
+def test_a_results_folder_that_cannot_be_a_folder_is_refused_in_one_line(tmp_path: Path) -> None:
+    file = tmp_path / "file"
+    file.write_text("x")
+    cases = ((file, "it exists and is not a folder"), (file / "sub", "Not a directory"),
+             (Path("/proc/radiodiff-lock-test"), "No such file or directory"))
+    for folder, why in cases:
+        with pytest.raises(LockHeld) as info:
+            RunLock(folder).acquire()
+        msg = str(info.value)
+        assert msg.startswith(f"The results folder {folder} cannot be used: {why}"), msg
+        assert "\n" not in msg and "point trainer.results_folder at a folder" in msg
+    assert file.read_text() == "x"
+
+
 # ---------------------------------------------------------------- no-flock fallback
 
 

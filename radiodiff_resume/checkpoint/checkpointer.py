@@ -169,21 +169,23 @@ class Checkpointer:
         return manifest, None
 
     # ----- resuming ----------------------------------------------------------------
-    def newest(self) -> Path | None:
-        """The newest committed checkpoint folder (not yet verified), on every rank."""
-        committed = self.store.committed() if self.ranks.is_main else []
+    def newest(self, older_than: int | None = None) -> Path | None:
+        """The newest committed checkpoint folder (of a step below ``older_than``; not yet verified),
+        on every rank."""
+        committed = _older(self.store.committed(), older_than) if self.ranks.is_main else []
         return self.ranks.broadcast(committed[0] if committed else None)
 
-    def resume(self, mode: str | None = None, rollback: bool = False) -> Path | None:
+    def resume(self, mode: str | None = None, rollback: bool = False,
+               older_than: int | None = None) -> Path | None:
         """Restore the newest verified checkpoint (or the one named; ``mode`` overrides
-        ``checkpoint.resume``); None when starting fresh. A ``rollback`` within a live run is not
-        a restart: the crash-loop counts leave it alone."""
+        ``checkpoint.resume``; ``older_than``: only checkpoints of a lower step); None when starting
+        fresh. A ``rollback`` within a live run is not a restart: the crash-loop counts leave it alone."""
         t = self.trainer
         chosen, failure, message = None, None, None
         self.branch = None
         if self.ranks.is_main:
             try:
-                chosen = self._choose(mode or self.cfg.resume, count=not rollback)
+                chosen = self._choose(mode or self.cfg.resume, count=not rollback, older_than=older_than)
             except Exception as exc:  # re-raised below on this rank; every other rank learns of it
                 failure = exc
                 message = str(exc) if isinstance(exc, UserError) else f"rank 0 failed: {exc!r}"
@@ -253,7 +255,7 @@ class Checkpointer:
                 "resume is exact in data but not bit-exact in noise", t.stage, why)
             self.events.emit("resharded", stage=t.stage, step=ckpt.manifest.step, reason=why)
 
-    def _choose(self, mode: str, count: bool = True) -> Checkpoint | None:
+    def _choose(self, mode: str, count: bool = True, older_than: int | None = None) -> Checkpoint | None:
         t = self.trainer
         if self.read_only:
             self.would += [self._leftover_action(name) for name in self.store.leftovers()]
@@ -276,7 +278,7 @@ class Checkpointer:
             return None
         if mode != "auto":
             return self._choose_named(Path(mode).expanduser(), mode, count)
-        candidates = self.store.candidates()
+        candidates = _older(self.store.candidates(), older_than)
         if count:
             candidates = self._past_crash_loops(candidates)
         if not candidates and self.store.crash_looped():
@@ -370,6 +372,11 @@ class Checkpointer:
         the newest of them is resumed instead, so a restart never throws that progress away."""
         if not path.is_dir():
             raise UserError(f"checkpoint.resume={mode}: no such checkpoint folder")
+        inside = sorted(path.glob("step-*"))
+        if inside and not (path / "manifest.json").exists():
+            raise UserError(f"checkpoint.resume={mode} is a folder of checkpoints, not one checkpoint: name "
+                            f"one of them (the newest there is {inside[-1]}), or checkpoint.resume=auto for "
+                            "the newest that verifies")
         branch = self._branch_of(path)
         descendants = [p for p in self.store.candidates() if branch and self.store.line_of(p) == branch]
         if descendants:
@@ -534,6 +541,11 @@ class Checkpointer:
             detail += (f"; the {t.stage} weights, statistics or scale_factor that were loaded do not "
                        "compute what was saved")
         return report.set("probe", ok, detail)
+
+
+def _older(paths: list[Path], step: int | None) -> list[Path]:
+    """The ``step-*`` folders of ``paths`` below ``step`` (all of them when it is None)."""
+    return paths if step is None else [p for p in paths if tp.cast(int, parse_step(p.name)) < step]
 
 
 def _yaml_mapping(text: str) -> dict[str, tp.Any]:

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from radiodiff_resume.io import write_text_atomic
+from radiodiff_resume.io import is_regular_file, read_regular, write_text_atomic
 
 LEDGER = "restarts.json"
 
@@ -27,11 +27,15 @@ class RestartLedger:
         self.path = Path(folder) / LEDGER
 
     def counts(self) -> dict[str, int]:
+        """Runs per checkpoint name. A link, FIFO or folder in the ledger's place is refused with
+        one line (:class:`~radiodiff_resume.io.NotRegularFile`), never read."""
         try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            data = json.loads(read_regular(self.path))
+        except (OSError, ValueError, RecursionError):
             return {}  # missing or unreadable: no evidence of a crash loop
-        return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)}
 
     def count(self, name: str) -> int:
         return self.counts().get(name, 0)
@@ -45,6 +49,6 @@ class RestartLedger:
         return counts[name]
 
     def clear(self) -> None:
-        """Progress or a clean end: no checkpoint is suspect any more."""
-        if self.path.exists():
+        """Progress or a clean end: no checkpoint is suspect any more (only a regular file is removed)."""
+        if is_regular_file(self.path):
             os.unlink(self.path)

@@ -14,6 +14,10 @@ ranks learning whether any rank failed, so a failure never leaves another rank w
 A crash at any point leaves either the complete new checkpoint or none, and the previous
 ones untouched; a failed write (disk full, EIO) removes the staging folder and stops every
 rank with the same message.
+
+A symbolic link where a checkpoint folder belongs is foreign: it is skipped with a warning, never
+verified, retired or deleted through, and when the store needs its name for a save it is moved,
+unchanged, into ``foreign-<time>/`` (with ``SET_ASIDE.txt``), never followed.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 QUARANTINE = "quarantine"
 CRASH_LOOP = "crash-loop"
+FOREIGN = "foreign"
 REASON_SUFFIX = ".reason.txt"
 LEFTOVER_PREFIXES = (".staging-", ".replaced-", ".retired-")
 
@@ -70,15 +75,42 @@ class CheckpointStore:
         self.line: str | None = None
         """The line this run writes; retention only ever touches checkpoints of this line."""
         self._lines: dict[str, str | None] = {}
+        self._warned: set[str] = set()
+
+    def _own_folders(self, wanted: tp.Callable[[str], bool]) -> list[Path]:
+        """The real folders (not links) of ``checkpoints/`` whose names are ``wanted``; a link with
+        such a name is skipped with a warning (once per store)."""
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for entry in os.scandir(self.folder):
+            if not wanted(entry.name):
+                continue
+            if entry.is_symlink():
+                if entry.name not in self._warned:
+                    self._warned.add(entry.name)
+                    logger.warning("%s, so it is skipped: never verified, resumed, moved or deleted through; "
+                                   "to resume from its target pass checkpoint.resume=<that folder>",
+                                   _foreign(Path(entry.path)))
+            elif entry.is_dir(follow_symlinks=False):
+                found.append(Path(entry.path))
+        return found
+
+    def _set_aside_foreign(self, path: Path) -> None:
+        """Move whatever that is not a real folder holds a name the store must write (a link, a file)
+        into ``foreign-<time>/``, unchanged and not followed."""
+        if not path.is_symlink() and (path.is_dir() or not path.exists()):
+            return
+        where = self.set_aside([path], f"{_foreign(path)}; moved here, unchanged, because the checkpoint "
+                                      "store needed its name", prefix=FOREIGN)
+        logger.warning("%s; moved, unchanged, to %s because the checkpoint store needs its name",
+                       _foreign(path), where)
 
     # ----- reading -----------------------------------------------------------------
     def candidates(self) -> list[Path]:
-        """Every ``step-*`` folder, newest first, manifest or not (a missing one is a finding)."""
-        if not self.folder.is_dir():
-            return []
-        found = [(step, p) for p in self.folder.iterdir()
-                 if p.is_dir() and (step := parse_step(p.name)) is not None]
-        return [p for _, p in sorted(found, reverse=True)]
+        """Every ``step-*`` folder, newest first, manifest or not (a missing one is a finding); no link."""
+        found = self._own_folders(lambda name: parse_step(name) is not None)
+        return sorted(found, key=lambda p: (parse_step(p.name), p), reverse=True)
 
     def committed(self) -> list[Path]:
         """``step-*`` folders whose manifest exists, newest first."""
@@ -100,10 +132,7 @@ class CheckpointStore:
     # ----- housekeeping (rank 0) -----------------------------------------------------
     def leftovers(self) -> list[str]:
         """Folders a crash left behind: uncommitted staging, retired and moved-aside ones."""
-        if not self.folder.is_dir():
-            return []
-        return sorted(p.name for p in self.folder.iterdir()
-                      if p.is_dir() and p.name.startswith(LEFTOVER_PREFIXES))
+        return sorted(p.name for p in self._own_folders(lambda name: name.startswith(LEFTOVER_PREFIXES)))
 
     def remove_leftovers(self) -> list[str]:
         """Clean up after a crash: uncommitted staging and retired folders go; a checkpoint that
@@ -112,6 +141,7 @@ class CheckpointStore:
         for path in (self.folder / name for name in self.leftovers()):
             if path.name.startswith(".replaced-"):
                 original = self.folder / path.name.removeprefix(".replaced-")
+                self._set_aside_foreign(original)
                 if not original.exists():
                     os.replace(path, original)
                     handled.append(path.name)
@@ -190,6 +220,7 @@ class CheckpointStore:
 
     def _prepare(self, staging: Path) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._set_aside_foreign(staging)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
 
@@ -222,8 +253,10 @@ class CheckpointStore:
         manifest.world_size = self.ranks.world
         write_durable(staging / MANIFEST, manifest.to_json().encode())
         fsync_dir(staging)
+        self._set_aside_foreign(final)
         if final.exists():
             old = final.with_name(f".replaced-{final.name}")
+            self._set_aside_foreign(old)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
             os.replace(staging, final)
@@ -262,8 +295,21 @@ class CheckpointStore:
         """Rename out of the ``step-*`` namespace (atomic), then delete."""
         name = path.name.removeprefix(".replaced-")
         retired = path.with_name(f".retired-{name}")
+        self._set_aside_foreign(retired)
         shutil.rmtree(retired, ignore_errors=True)
         os.replace(path, retired)
         fsync_dir(self.folder)
         self._lines.pop(name, None)
         shutil.rmtree(retired)
+
+
+def _foreign(path: Path) -> str:
+    """'<path> is a symbolic link to <target>, not a checkpoint folder of this run' (or a file)."""
+    if path.is_symlink():
+        try:
+            what = f"a symbolic link to {os.readlink(path)}"
+        except OSError:
+            what = "a symbolic link"
+    else:
+        what = "not a folder"
+    return f"{path} is {what}, not a checkpoint folder of this run"

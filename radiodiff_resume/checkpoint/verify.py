@@ -7,9 +7,12 @@ to quarantine and fall back to an older one:
    listed file is a regular file with its size and SHA-256, read once and decoded from
    those same bytes; nothing missing or stray; every component has the shape the format
    requires; step, world size and rank files agree with each other.
-2. ``finite`` — every floating tensor is finite, except running statistics (BatchNorm
-   ``running_mean`` / ``running_var``): those are derived from data, not learnt, and are
-   recomputed after loading (the probe is then not compared; see ``Report.repairable``).
+2. ``finite`` — every floating tensor is finite, and no second moment or variance
+   (Adam's ``exp_avg_sq``, ``max_exp_avg_sq``, ``running_var``) is negative: its square root is
+   NaN, so the first step or forward that uses it would poison the weights. Running statistics
+   (BatchNorm ``running_mean`` / ``running_var``) are the exception: they are derived from data,
+   not learnt, and are recomputed after loading (the probe is then not compared; see
+   ``Report.repairable``).
 3. ``scale_factor`` — the model's buffer equals the manifest's, and is present exactly
    when the stage has one.
 
@@ -53,6 +56,8 @@ INTEGRITY = frozenset({"structure", "finite", "scale_factor"})
 REQUIRED = ("model", "optimizer", "train_state", "data", "probe")
 OPTIONAL = ("ema", "grad_scaler", "guard")
 RUNNING_STATS = (".running_mean", ".running_var")
+NONNEGATIVE = (".exp_avg_sq", ".max_exp_avg_sq", ".running_var")
+"""Second moments and variances: a negative entry is as impossible as a NaN (its square root is one)."""
 CONFIG_FILE = "config.yaml"
 
 
@@ -386,15 +391,51 @@ def nonfinite_names(tree: tp.Any) -> list[str]:
     return [k for k, _ in leaves if k in bad]
 
 
+def negative_names(tree: tp.Any) -> list[str]:
+    """Paths of the second moments and variances (:data:`NONNEGATIVE`) in ``tree`` holding a negative
+    value; one host copy per device (the minima are stacked), NaN entries are left to
+    :func:`nonfinite_names`."""
+    named = [(k, v) for k, v in floating_leaves(tree)
+             if isinstance(v, torch.Tensor) and k.endswith(NONNEGATIVE) and v.numel()]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(named):
+        by_device.setdefault(t.device, []).append(i)
+    bad = set()
+    for indices in by_device.values():
+        minima = torch.stack([named[i][1].detach().float().nan_to_num(0.0).min() for i in indices]).cpu()
+        bad |= {named[indices[j]][0] for j in (minima < 0).nonzero().flatten().tolist()}
+    return [k for k, _ in named if k in bad]
+
+
+def defect(where: str, value: torch.Tensor | float) -> str | None:
+    """What is wrong with one value of a state tree, with counts (NaN, ±Inf, and negative entries
+    where :data:`NONNEGATIVE` forbids them); None when nothing is. The per-tensor account of what
+    :func:`check_finite` refuses, for ``doctor``."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{value!r}"
+    v = value.detach().float()
+    nan, pos, neg = (int(x) for x in (v.isnan().sum(), v.isposinf().sum(), v.isneginf().sum()))
+    negative = int((v < 0).sum()) - neg if where.endswith(NONNEGATIVE) else 0
+    counts = ((nan, "NaN"), (pos, "+Inf"), (neg, "-Inf"), (negative, "negative"))
+    parts = [f"{n} {label}" for n, label in counts if n]
+    return f"{', '.join(parts)} of {v.numel()} values" if parts else None
+
+
 def check_finite(report: Report, state: tp.Mapping[str, tp.Any]) -> bool:
-    """Level 2; non-finite running statistics are listed in ``report.repairable`` instead."""
-    checked = ("model", "ema", "optimizer", "probe", "guard")
-    bad = nonfinite_names({k: state[k] for k in checked if k in state})
-    stats = [n for n in bad if n.startswith("model.") and n.endswith(RUNNING_STATS)]
-    damage = [n for n in bad if n not in stats]
-    if damage:
-        return report.set("finite", False, f"non-finite values in {len(damage)} tensor(s) or number(s): "
-                                           f"{_few(damage)}")
+    """Level 2; non-finite (or negative) running statistics are listed in ``report.repairable``
+    instead."""
+    checked = {k: state[k] for k in ("model", "ema", "optimizer", "probe", "guard") if k in state}
+    bad, negative = nonfinite_names(checked), negative_names(checked)
+    stats = [n for n in dict.fromkeys((*bad, *negative))
+             if n.startswith("model.") and n.endswith(RUNNING_STATS)]
+    problems = []
+    if damage := [n for n in bad if n not in stats]:
+        problems.append(f"non-finite values in {len(damage)} tensor(s) or number(s): {_few(damage)}")
+    if damage := [n for n in negative if n not in stats and n not in bad]:
+        problems.append(f"negative second moments in {len(damage)} tensor(s): {_few(damage)} (their square "
+                        "root is NaN: the first optimizer step would poison the weights)")
+    if problems:
+        return report.set("finite", False, "; ".join(problems))
     report.repairable = stats
     if stats:
         return report.set("finite", True, f"finite except {len(stats)} running statistic(s) ({_few(stats)}), "

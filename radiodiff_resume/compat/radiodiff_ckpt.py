@@ -7,8 +7,8 @@ RadioDiff (UNIC-Lab/RadioDiff) saves plain ``torch.save`` dicts. ``train_vae.py`
 ``first_stage_model.*`` beside the conditional Swin U-Net under ``model.*``. The autoencoder is
 latent-diffusion's ``AutoencoderKL`` layout plus its training losses (LPIPS, discriminator); diffusers' own
 ``convert_ldm_vae_checkpoint`` renames that layout to ``diffusers.AutoencoderKL``, which is our first stage.
-The file is read with torch's weights-only unpickler: one that would run code is refused before any of it
-runs.
+The file is read with torch's weights-only unpickler (:func:`~radiodiff_resume.tools.importer.load_pickled`,
+torch >= 2.10): one that would run code is refused before any of it runs.
 """
 
 from __future__ import annotations
@@ -259,13 +259,23 @@ def mapping_lines(converted: Tensors, origin: dict[str, str], autoencoder: Tenso
 
 def denoiser_lines(parts: Parts, cfg: Config) -> list[str]:
     """Why the LDM's denoiser stays behind, and what exactly that is."""
+    from radiodiff_resume.config import get_target
+    from radiodiff_resume.models.radiodiff_unet import RadioDiffUNet
+
     numel = sum(t.numel() for t in parts.denoiser.values())
-    lines = [
-        f"not imported: the denoiser, model.* ({len(parts.denoiser)} tensors, {numel:,} parameters): "
-        "RadioDiff's conditional Swin U-Net (mask_cond_unet.Unet: a Swin-B condition backbone feeding a "
-        "U-Net through window-attention relation layers) is not part of this project, and ours "
-        f"({cfg.model.unet.target} with {cfg.model.cond_encoder.target}) is another architecture with no "
-        "tensor-for-tensor counterpart; `train` trains our denoiser from scratch on the imported first stage"]
+    what = f"not imported: the denoiser, model.* ({len(parts.denoiser)} tensors, {numel:,} parameters): "
+    if get_target(cfg.model.unet.target) is RadioDiffUNet:
+        why = ("--out names a first-stage weights file, so only the first stage is imported; without it (or "
+               "with --out DIR) `import` brings the whole run in, denoiser, optimizer and EMA included")
+    else:
+        why = ("RadioDiff's conditional Swin U-Net (mask_cond_unet.Unet: a Swin-B condition backbone feeding "
+               "a U-Net through window-attention relation layers) is not part of this project's default "
+               f"network, and this config's ({cfg.model.unet.target} with {cfg.model.cond_encoder.target}) "
+               "is another architecture with no tensor-for-tensor counterpart; `train` trains our denoiser "
+               "from scratch on the imported first stage (with model.unet.target="
+               "radiodiff_resume.models.radiodiff_unet.RadioDiffUNet, RadioDiff's network, `import` brings "
+               "the whole run in)")
+    lines = [what + why]
     by_group: dict[str, list[torch.Tensor]] = {}
     for key, tensor in parts.denoiser.items():
         by_group.setdefault(group(key, 2), []).append(tensor)
@@ -315,8 +325,9 @@ def out_path(args: argparse.Namespace) -> tuple[list[str], str | None]:
 NO_DATA_ROOT = "data.root=(not read when importing first-stage weights)"
 
 
-def import_radiodiff(src: Path, args: argparse.Namespace) -> list[str]:
-    """Read, convert, load strictly, write atomically, read back; the report's lines."""
+def import_radiodiff(src: Path, args: argparse.Namespace, ckpt: tp.Any = None) -> list[str]:
+    """Read (unless the caller already has, ``ckpt``), convert, load strictly, write atomically, read back;
+    the report's lines."""
     from diffusers import AutoencoderKL
 
     from radiodiff_resume.build import build_first_stage, load_first_stage_weights
@@ -332,7 +343,7 @@ def import_radiodiff(src: Path, args: argparse.Namespace) -> list[str]:
         raise UserError(f"import: {out} ({'--out' if given else 'model.first_stage.ckpt_path'}) already "
                         f"exists{' and is a folder' if out.is_dir() else '; pass --force to replace it'}, or "
                         "--out another .safetensors file")
-    ckpt = load_pickled(src)
+    ckpt = load_pickled(src) if ckpt is None else ckpt
     found = find_autoencoder(ckpt, src)
     parts = split(found)
     model = build_first_stage(cfg)

@@ -68,7 +68,14 @@ DATASETS = {
 PARAMS_ORDER = ("block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
                 "latent_channels", "norm_num_groups")
 """The order our configs list ``params`` in."""
-COND_UNET = "part of RadioDiff's Swin-conditioned Unet, which is not built here (see model.model_name)"
+RADIODIFF_UNET = "radiodiff_resume.models.radiodiff_unet.RadioDiffUNet"
+UNET_PARAMS = frozenset({
+    "dim", "channels", "dim_mults", "cond_net", "fix_bb", "out_mul", "cond_in_dim", "cond_dim",
+    "cond_dim_mults",
+    "window_sizes1", "window_sizes2", "fourier_scale", "cond_pe", "num_pos_feats", "cond_feature_size",
+    "input_size", "DPMCARK", "without_pretrain",
+})
+"""``model.unet`` keys of RadioDiff's yamls that are parameters of :data:`RADIODIFF_UNET` (the same names)."""
 FROM_PT = ("a RadioDiff .pt cannot initialise training here; convert its first stage with "
            "`radiodiff-resume import`, the rest starts from random weights")
 FIRST_STAGE_ONLY = ("a first-stage config sets model.first_stage.* only: `train` trains the first stage, "
@@ -260,15 +267,19 @@ class _Translation:
                         "RadioDiff's RadioUNet_c: gain/DPM maps at 256×256 conditioned on (buildings, "
                         "transmitter, buildings), as here; RadioDiff hard-codes the dataset folder in "
                         "lib/loaders.py, so give data.root=/path/to/RadioMapSeer; data.split: radiodiff is "
-                        "RadioDiff's fixed split (501 training maps, 51 validation maps)")
+                        "the split released with the paper (501 training maps, 51 validation maps); "
+                        "RadioDiff's current loader trains on 601 (data.split: radiodiff_600)")
+        elif name == "DPMCAR":
+            targets.update({"data.split": "radiodiff_600", "data.cars": True})
+            self.report("data.name", MAPPED, targets,
+                        "RadioDiff's dynamic radio maps (RadioUNet_c_WithCar_NOK_or_K): condition "
+                        "(buildings, transmitter, cars from png/cars/), target gain/carsDPM, its 0..600 "
+                        "training split")
         else:
             what = DATASETS.get(str(name), "a dataset this translation does not know")
-            self.report("data.name", UNSUPPORTED, targets,
-                        f"{name} is {what}: not built in here (the condition is buildings, transmitter, "
-                        "buildings; the target gain/<data.simulation>), so the translated config trains on "
-                        "plain DPM maps; plug your dataset in with data.train / data.validation "
-                        "(target/params), or set data.simulation to another gain/ folder (carsDPM, IRT2 ...) "
-                        "if only the target maps differ")
+            self.problems.append(f"data.name: {name} is {what}, which is not built here (built: radio, "
+                                 "DPMCAR); plug your dataset in with data.train / data.validation "
+                                 "(target/params) in a config of this package")
         batch = self.need("data.batch_size", _is_count, "an integer >= 1")
         if batch:
             target = "data.batch_size" if self.ldm else "model.first_stage.batch_size"
@@ -372,13 +383,11 @@ class _Translation:
         ours = f"{self.results_folder().rstrip('/')}/first_stage/autoencoder.safetensors"
         targets = {"model.first_stage.ckpt_path": ours, "model.first_stage.train_if_missing": True}
         if self.ldm and given:
-            self.report(key, UNSUPPORTED, targets,
-                        "a RadioDiff .pt is not first-stage weights here: convert it with `radiodiff-resume "
-                        f"import {given} --cfg THIS.yaml --out FILE.safetensors` and set "
-                        "model.first_stage.ckpt_path=FILE; until then the first stage is trained here first, "
-                        "with model.first_stage.trainer.* (an LDM config has no first-stage training "
-                        "settings: convert RadioDiff's first-stage config too and copy its "
-                        "model.first_stage.trainer / batch_size / loss here)")
+            targets["model.first_stage.train_if_missing"] = False
+            self.report(key, MAPPED, targets,
+                        f"RadioDiff's first stage: convert it once with `radiodiff-resume import {given} "
+                        f"--cfg THIS.yaml`, which writes {ours}; `train` never trains a substitute for it "
+                        "and stops, naming that command, while the file is missing")
         elif self.ldm:
             self.report(key, IGNORED, targets, "empty: RadioDiff would run with an untrained first stage; "
                                                "here it is trained first")
@@ -401,11 +410,14 @@ class _Translation:
         else:
             self.report(f"{m}.model_type", UNSUPPORTED, sde, "RadioDiff builds only const_sde (anything else "
                         "raises there); translated to it")
-        self.report(f"{m}.model_name", UNSUPPORTED, note=(
-            "RadioDiff's Unet with a pretrained Swin-B condition backbone is not built here: the translated "
-            "config has diffusers.UNet2DModel (model.unet) with RadioDiff's widths and a small CNN condition "
-            "encoder (model.cond_encoder); plug a port of RadioDiff's network in with model.unet.target to "
-            "train the same model"))
+        name = self.get(f"{m}.model_name", "cond_unet")
+        if name == "cond_unet":
+            self.report(f"{m}.model_name", MAPPED, {"model.unet.target": RADIODIFF_UNET},
+                        "RadioDiff's Swin-conditioned Unet (mask_cond_unet.Unet), with upstream's state_dict "
+                        "names, so its weights load as they are")
+        else:
+            self.problems.append(f"{m}.model_name: {name!r} is not built here (built: cond_unet, "
+                                 "RadioDiff's Swin-conditioned Unet)")
         self.report(f"{m}.objective", IGNORED, note="RadioDiff's const-SDE LatentDiffusion predicts C and "
                                                     "the noise (pred_KC) whatever this says, as "
                                                     "model.objective: radiodiff does")
@@ -420,12 +432,12 @@ class _Translation:
         for key in ("eps", "loss_type", "use_l1"):
             if f"{m}.{key}" in self.leaves:
                 self.report(f"{m}.{key}", MAPPED, {f"model.{key}": self.get(f"{m}.{key}")})
-        weights = ("RadioDiff's LatentDiffusion weighs its drift and noise terms by (t + 1)/√t and "
-                   "√(2 − t)/√(1 − t + eps) whatever this says; model.weighting_loss: true applies the same "
-                   "weights (false turns them off here)")
         theirs = self.get(f"{m}.weighting_loss", True)
-        self.report(f"{m}.weighting_loss", MAPPED if theirs is True else DIFFERS,
-                    {"model.weighting_loss": True}, weights)
+        self.report(f"{m}.weighting_loss", MAPPED, {"model.weighting_loss": theirs is True},
+                    "RadioDiff's current LatentDiffusion weighs its drift and noise terms by 2·exp(1 − t) "
+                    "and exp(√t) when true, as model.objective: radiodiff does (the paper release applied "
+                    "(t + 1)/√t and √(2 − t)/√(1 − t + eps) whatever this said: model.objective: "
+                    "radiodiff_paper)")
         if self.get(f"{m}.start_dist", "normal") == "normal":
             self.report(f"{m}.start_dist", IGNORED, note="Gaussian noise, the same")
         else:
@@ -476,44 +488,39 @@ class _Translation:
                         "on_train_batch_start); set model.default_scale: true to use it")
 
     def unet(self) -> None:
+        """RadioDiff's Unet section is our network's params, key for key (same names, same meaning)."""
         u, p = "model.unet", "model.unet.params"
-        dim = self.need(f"{u}.dim", _is_count, "an integer >= 1")
-        mults = self.need(f"{u}.dim_mults", _is_counts, "a list of integers >= 1", [1, 2, 4, 8])
-        ch_mult = self.get(f"{self.fs}.ddconfig.ch_mult", [1, 2, 4, 8])
-        side = SIDE // 2 ** (len(ch_mult) - 1) if _is_counts(ch_mult) else SIDE
-        if dim and mults:
-            widths = [dim * m for m in mults]
-            attention = [side // 2**i <= ATTENTION_SIDE for i in range(len(mults))]
-            self.set(f"{u}.target", "diffusers.UNet2DModel")
-            self.set(f"{p}.layers_per_block", 2)
-            self.set(f"{p}.norm_num_groups", 8)
-            self.report(f"{u}.dim", MAPPED, {f"{p}.block_out_channels": widths}, "dim × dim_mults")
-            self.report(f"{u}.dim_mults", MAPPED, {
-                f"{p}.block_out_channels": widths,
-                f"{p}.down_block_types": ["AttnDownBlock2D" if a else "DownBlock2D" for a in attention],
-                f"{p}.up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)],
-            }, "one level per entry with 2 ResNet blocks and GroupNorm(8), as RadioDiff's Unet; RadioDiff "
-               "has linear attention in every level, diffusers has none: full attention where the latent is "
-               f"at most {ATTENTION_SIDE}×{ATTENTION_SIDE}")
-        embed = self.get(f"{self.fs}.embed_dim")
-        if self.get(f"{u}.channels", embed) == embed:
-            self.report(f"{u}.channels", IGNORED,
-                        note=f"derived here: the denoiser takes the latent's {embed} channels and returns "
-                             f"C and the noise ({2 * embed}), the same")
+        self.need(f"{u}.dim", _is_count, "an integer >= 1")
+        self.need(f"{u}.dim_mults", _is_counts, "a list of integers >= 1", [1, 2, 4, 8])
+        section = {k[len(u) + 1:]: v for k, v in self.leaves.items() if k.startswith(f"{u}.")}
+        cond_net = section.get("cond_net", "swin")
+        if cond_net != "swin":
+            self.problems.append(f"{u}.cond_net: {cond_net!r} is not built here (built: swin, as "
+                                 "radio_train.yaml has it)")
+        for key in UNET_PARAMS & set(section) - {"without_pretrain", "fix_bb"}:
+            self.report(f"{u}.{key}", MAPPED, {f"{p}.{key}": section[key]}, "the same parameter of the same "
+                                                                            "network")
+        fix_bb = section.get("fix_bb", True)
+        self.report(f"{u}.fix_bb", MAPPED, {f"{p}.fix_bb": fix_bb},
+                    "freezes the Swin condition encoder when true (RadioDiff's default when absent)")
+        if section.get("without_pretrain", False):
+            self.report(f"{u}.without_pretrain", MAPPED, {f"{p}.cond_weights": "none"},
+                        "the Swin starts from random weights, as in RadioDiff")
         else:
-            self.report(f"{u}.channels", UNSUPPORTED, note=f"the denoiser works on the first stage's latent, "
-                                                           f"which has embed_dim ({embed}) channels")
-        if self.get(f"{u}.cond_in_dim", 3) == 3:
-            self.report(f"{u}.cond_in_dim", IGNORED, note="derived here: the condition encoder gets "
-                                                          "in_channels=3 (buildings, transmitter, buildings)")
-        else:
-            self.report(f"{u}.cond_in_dim", UNSUPPORTED, note="the condition here has 3 channels; more need "
-                                                              "your own dataset and condition encoder")
-        if self.get(f"{u}.DPMCARK"):
-            self.report(f"{u}.DPMCARK", UNSUPPORTED,
-                        note="the K2 input channel of the DPMCARK dataset is not built here (see data.name)")
+            self.default("mask_cond_unet.py: Swin-B weights", "ImageNet", {f"{p}.cond_weights": "imagenet"},
+                         "RadioDiff starts its Swin-B from torchvision's ImageNet weights: a fresh run reads "
+                         "swin_b-68c6b09e.pth from the torch hub cache (or through torchvision), or set "
+                         f"{p}.cond_weights to the file's path; a resume takes every weight from its "
+                         "checkpoint")
+        if section.get("DPMCARK"):
+            self.problems.append(f"{u}.DPMCARK: true feeds the K2 input channels of the DPMCARK dataset, "
+                                 "which is not built here")
+        for key in ("channels", "cond_in_dim"):
+            if key in section and section[key] != 3:
+                self.problems.append(f"{u}.{key}: got {section[key]!r}; RadioDiff's radio maps have a "
+                                     "3-channel latent and a 3-channel condition (built: 3)")
         rest = [k for k in self.leaves if k.startswith(f"{u}.") and k not in self.lines]
-        self.same(rest, IGNORED, COND_UNET)
+        self.same(rest, UNSUPPORTED, "not a parameter of RadioDiff's Swin-conditioned Unet: left out")
 
     def ldm_trainer(self) -> None:
         t = "trainer"
@@ -631,8 +638,8 @@ class _Translation:
         else:
             self.same(("finetune.ckpt_path", "finetune"), IGNORED, "empty: no fine-tuning, the same")
         self.same([k for k in self.leaves if k.split(".")[0] == "sampler"], IGNORED,
-                  "settings of RadioDiff's sample_cond_ldm.py; this package trains (validation samples use "
-                  "model.sampling_timesteps)")
+                  "settings of RadioDiff's sample_cond_ldm.py, read by `radiodiff-resume evaluate` (training "
+                  "ignores them; its validation samples use model.sampling_timesteps)")
         self.same([k for k in self.leaves if k not in self.lines], UNSUPPORTED,
                   "unknown to this translation and not read by RadioDiff's train_cond_ldm.py / train_vae.py: "
                   "left out; if your fork reads it, set its equivalent here by hand")

@@ -5,14 +5,17 @@ Reads the layout of the public RadioMapSeer release (and of
 
     png/buildings_complete/{m}.png   buildings, 255 inside
     png/antennas/{m}_{tx}.png        transmitter pixel, 255
-    gain/{simulation}/{m}_{tx}.png   radio map (the diffusion target)
+    png/cars/{m}.png                 cars, 255 inside (read with ``cars=True`` only)
+    gain/{simulation}/{m}_{tx}.png   radio map (the diffusion target): DPM, IRT2, ...
+    gain/cars{simulation}/{m}_{tx}.png   the same simulation with the cars (``cars=True``)
 
 Every file is checked at construction so a broken copy fails before training starts, not
 hours into it.
 
-Two ways to split the maps (``data.split``): ``maps``, a seeded split of whatever maps the
-folder holds (:func:`split_maps`), and ``radiodiff``, RadioDiff's fixed split of the full
-release (:func:`radiodiff_split`), so that validation numbers compare with the paper's.
+Three ways to split the maps (``data.split``): ``maps``, a seeded split of whatever maps the
+folder holds (:func:`split_maps`), and ``radiodiff`` / ``radiodiff_600``, RadioDiff's fixed
+splits of the full release (:func:`radiodiff_split`), so that validation numbers compare with
+RadioDiff's.
 """
 
 from __future__ import annotations
@@ -32,17 +35,28 @@ from radiodiff_resume.errors import DataError
 SAMPLE_NAME = re.compile(r"^(\d+)_(\d+)\.png$")
 """``{map}_{tx}.png``: anything else in the gain folder (notes, thumbnails) is ignored."""
 
-SPLIT_MODES = ("maps", "radiodiff")
-"""``data.split`` values: how the maps are divided between train and val."""
-
 RADIODIFF_NUM_MAPS = 700
 """RadioDiff shuffles positions ``0..699``; file ids are position + 1, so map 0 is never used."""
 
 RADIODIFF_TX_PER_MAP = 80
 """RadioDiff's ``numTx``: every map contributes transmitters ``0..79``."""
 
-RADIODIFF_POSITIONS = {"train": (0, 500), "val": (600, 650), "test": (600, 699)}
-"""First and last (inclusive) position in the shuffled map list, per RadioDiff phase."""
+RADIODIFF_POSITIONS = {
+    "radiodiff": {"train": (0, 500), "val": (600, 650), "test": (600, 699)},
+    "radiodiff_600": {"train": (0, 600), "val": (600, 650), "test": (600, 699)},
+}
+"""First and last (inclusive) position in the shuffled map list, per RadioDiff split and phase.
+
+``radiodiff``: ``RadioUNet_c`` as released with the paper. ``radiodiff_600``: RadioDiff's later
+loaders (``RadioUNet_c`` at the current head, and ``RadioUNet_c_WithCar_NOK_or_K``, which its
+``DPMCAR`` dataset uses), which train on 100 more maps, position 600 among them.
+"""
+
+SPLIT_MODES = ("maps", *RADIODIFF_POSITIONS)
+"""``data.split`` values: how the maps are divided between train and val."""
+
+CARS = "cars"
+"""RadioMapSeer's prefix of the simulations with cars (``gain/carsDPM``) and the car maps' folder."""
 
 
 def split_maps(map_ids: list[int], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -64,30 +78,31 @@ def split_maps(map_ids: list[int], val_fraction: float, seed: int) -> tuple[list
     return train, val
 
 
-def radiodiff_split() -> dict[str, list[int]]:
+def radiodiff_split(mode: str = "radiodiff") -> dict[str, list[int]]:
     """RadioDiff's map ids (file names ``{id}.png``) for ``train`` / ``val`` / ``test``.
 
-    As ``RadioUNet_c`` in RadioDiff's ``lib/loaders.py`` (the loader its
-    ``train_cond_ldm.py`` uses, as released with the paper): positions ``0..699`` are
-    shuffled with ``np.random.seed(42); np.random.shuffle``, each phase takes positions
-    ``ind1..ind2`` *inclusive* (its ``__len__`` is ``(ind2 - ind1 + 1) * numTx``), and the
-    file id is the position's value plus one. Hence:
+    As RadioDiff's ``lib/loaders.py``: positions ``0..699`` are shuffled with
+    ``np.random.seed(42); np.random.shuffle``, each phase takes positions ``ind1..ind2``
+    *inclusive* (its ``__len__`` is ``(ind2 - ind1 + 1) * numTx``), and the file id is the
+    position's value plus one. Both modes have the same val (positions 600..650, 51 maps, all
+    of them also in test) and test (600..699, 100 maps), and map 0 of the release in no phase:
 
-    - train: positions 0..500, 501 maps;
-    - val: positions 600..650, 51 maps, all of them also in test;
-    - test: positions 600..699, 100 maps;
-    - positions 501..599 (99 maps) are in no phase, and map 0 of the release in none either.
+    - ``radiodiff``, as released with the paper: train is positions 0..500, 501 maps, disjoint
+      from val and test; positions 501..599 (99 maps) are in no phase.
+    - ``radiodiff_600``, RadioDiff's later loaders: train is positions 0..600, 601 maps: those
+      501, the 99 unused ones and position 600, the first val and test map, which is therefore
+      trained on (1 of the 51 val maps, 1 of the 100 test maps).
 
-    Train is disjoint from val and test. Later RadioDiff commits (RadioDiff-k² era) train on
-    positions 0..600 instead, which puts position 600, the first val/test map, in training
-    too; val and test are the same in both. A private ``RandomState(42)`` draws the very
-    permutation of the global call without touching the global RNG.
+    A private ``RandomState(42)`` draws the very permutation of the global call without
+    touching the global RNG.
     """
+    if mode not in RADIODIFF_POSITIONS:
+        raise DataError(f"RadioDiff split must be one of {', '.join(RADIODIFF_POSITIONS)}, got {mode!r}")
     order = np.arange(RADIODIFF_NUM_MAPS, dtype=np.int64)
     np.random.RandomState(42).shuffle(order)
     return {
         phase: [int(i) + 1 for i in order[first : last + 1]]
-        for phase, (first, last) in RADIODIFF_POSITIONS.items()
+        for phase, (first, last) in RADIODIFF_POSITIONS[mode].items()
     }
 
 
@@ -133,17 +148,21 @@ def _resize(x: torch.Tensor, size: int, keep_peaks: bool = False) -> torch.Tenso
 
 class RadioMapSeer(Dataset):
     """Samples ``{"image": [1,H,W], "cond": [3,H,W], "name": "m_tx", "img_name": "m_tx.png"}``,
-    tensors scaled to [-1, 1]; ``img_name`` is RadioDiff's name for the sample.
+    tensors scaled to [-1, 1] (PNG value / 127.5 - 1); ``img_name`` is RadioDiff's name for
+    the sample.
 
     ``cond`` is (buildings, antenna, buildings): three channels so conditioning encoders
-    built for RGB inputs apply unchanged, as in RadioDiff.
+    built for RGB inputs apply unchanged, as in RadioDiff. ``cars=True`` is RadioDiff's
+    dynamic radio map (its ``DPMCAR`` dataset, ``carsSimul`` and ``carsInput`` on): the car map
+    takes the third channel, (buildings, antenna, cars), scaled like the other two, and the
+    target is ``gain/cars<simulation>``, the same simulation with those cars in the city.
 
     ``split_mode="maps"`` splits the maps found in the folder with :func:`split_maps`
-    (``split`` is ``train`` or ``val``). ``split_mode="radiodiff"`` takes RadioDiff's map
-    lists (:func:`radiodiff_split`; ``split`` may also be ``test``), transmitters ``0..79``
-    of each, in RadioDiff's order, so ``dataset[i]["img_name"]`` is RadioDiff's ``i``-th
-    sample; ``val_fraction`` and ``split_seed`` are then unused, and every one of those
-    samples must be in the folder.
+    (``split`` is ``train`` or ``val``). ``split_mode="radiodiff"`` or ``"radiodiff_600"``
+    takes RadioDiff's map lists (:func:`radiodiff_split`; ``split`` may also be ``test``),
+    transmitters ``0..79`` of each, in RadioDiff's order, so ``dataset[i]["img_name"]`` is
+    RadioDiff's ``i``-th sample; ``val_fraction`` and ``split_seed`` are then unused, and every
+    one of those samples must be in the folder.
     """
 
     def __init__(
@@ -156,10 +175,11 @@ class RadioMapSeer(Dataset):
         simulation: str = "DPM",
         max_samples: int | None = None,
         split_mode: str = "maps",
+        cars: bool = False,
     ) -> None:
         if split_mode not in SPLIT_MODES:
             raise DataError(f"split_mode must be one of {', '.join(SPLIT_MODES)}, got {split_mode!r}")
-        if split_mode == "radiodiff" and split not in RADIODIFF_POSITIONS:
+        if split_mode in RADIODIFF_POSITIONS and split not in RADIODIFF_POSITIONS[split_mode]:
             raise DataError(f"split must be 'train', 'val' or 'test', got {split!r}")
         if split_mode == "maps" and split not in ("train", "val"):
             raise DataError(f"split must be 'train' or 'val', got {split!r}")
@@ -167,19 +187,28 @@ class RadioMapSeer(Dataset):
             raise DataError(f"image_size must be >= 1, got {image_size}")
         if max_samples is not None and max_samples < 1:
             raise DataError(f"max_samples must be >= 1 or unset, got {max_samples}")
+        if cars and simulation.startswith(CARS):
+            raise DataError(
+                f"data.simulation={simulation} with data.cars: true would read gain/{CARS}{simulation}; "
+                "data.cars picks the simulation with cars itself, so set data.simulation="
+                f"{simulation.removeprefix(CARS)}"
+            )
         self.root = Path(root).expanduser()
         self.split = split
         self.split_mode = split_mode
         self.image_size = image_size
         self.simulation = simulation
+        self.cars = cars
+        self.target = f"{CARS}{simulation}" if cars else simulation  # the gain/ folder read
         if not self.root.is_dir():
             raise DataError(
                 f"data.root={self.root} does not exist; pass data.root=/path/to/RadioMapSeer "
                 "or leave data.root unset to use the synthetic default"
             )
-        self.gain_dir = self.root / "gain" / simulation
+        self.gain_dir = self.root / "gain" / self.target
         self.building_dir = self.root / "png" / "buildings_complete"
         self.antenna_dir = self.root / "png" / "antennas"
+        self.cars_dir = self.root / "png" / CARS
 
         samples = sorted(
             (int(match[1]), int(match[2]))
@@ -188,13 +217,13 @@ class RadioMapSeer(Dataset):
         )
         if not samples:
             state = "does not exist" if not self.gain_dir.is_dir() else "has no <map>_<tx>.png"
+            why = f", which data.cars: true reads for simulation {simulation}" if cars else ""
             raise DataError(
-                f"{self.gain_dir} {state}; data.root={self.root} must be a RadioMapSeer folder "
-                f"with gain/{simulation}/<map>_<tx>.png files (check data.root and the "
-                "simulation name)"
+                f"{self.gain_dir} {state}{why}; data.root={self.root} must be a RadioMapSeer folder "
+                f"with gain/{self.target}/<map>_<tx>.png files (check data.root and data.simulation)"
             )
-        if split_mode == "radiodiff":
-            self.map_ids: list[int] = radiodiff_split()[split]
+        if split_mode in RADIODIFF_POSITIONS:
+            self.map_ids: list[int] = radiodiff_split(split_mode)[split]
             self.samples: list[tuple[int, int]] = self._radiodiff_samples(set(samples))
         else:
             all_maps = sorted({m for m, _ in samples})
@@ -219,10 +248,12 @@ class RadioMapSeer(Dataset):
         if absent:
             raise DataError(
                 f"{len(absent)} of the {len(self.map_ids)} maps of RadioDiff's {self.split!r} split "
-                f"are missing from {self.gain_dir} (e.g. map {', '.join(map(str, absent[:3]))}): "
-                "data.split: radiodiff needs the full RadioMapSeer release (maps 1..700, "
-                f"{RADIODIFF_TX_PER_MAP} transmitters each) at data.root; for another folder, such "
-                "as the synthetic default, use data.split: maps"
+                f"are missing from {self.gain_dir}, which holds {len(found)} maps (e.g. map "
+                f"{', '.join(map(str, absent[:3]))}): data.split: {self.split_mode} needs the full "
+                f"RadioMapSeer release (maps 1..700, {RADIODIFF_TX_PER_MAP} transmitters each) "
+                f"simulated in gain/{self.target} at data.root; for a folder with other maps, such as "
+                "the synthetic default or a simulation your copy holds for some maps only, use "
+                "data.split: maps"
             )
         missing = [s for s in wanted if s not in present]
         if missing:
@@ -230,8 +261,8 @@ class RadioMapSeer(Dataset):
             raise DataError(
                 f"{self.gain_dir / f'{m}_{tx}.png'} is missing ({len(missing)} of the "
                 f"{len(wanted)} samples of RadioDiff's {self.split!r} split are): data.split: "
-                f"radiodiff needs all {RADIODIFF_TX_PER_MAP} transmitters of each map; restore "
-                "the gain folder from the original RadioMapSeer archive"
+                f"{self.split_mode} needs all {RADIODIFF_TX_PER_MAP} transmitters of each map; "
+                "restore the gain folder from the original RadioMapSeer archive"
             )
         return wanted
 
@@ -239,21 +270,24 @@ class RadioMapSeer(Dataset):
         """Fail at construction, naming the first missing file, rather than mid-epoch."""
         buildings = _listing(self.building_dir)
         antennas = _listing(self.antenna_dir)
+        cars = _listing(self.cars_dir) if self.cars else set()
         missing = [
             path
             for m, tx in self.samples
             for path, present in (
                 (self.building_dir / f"{m}.png", f"{m}.png" in buildings),
                 (self.antenna_dir / f"{m}_{tx}.png", f"{m}_{tx}.png" in antennas),
+                *([(self.cars_dir / f"{m}.png", f"{m}.png" in cars)] if self.cars else []),
             )
             if not present
         ]
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            folders = "png/buildings_complete, png/antennas" + (f" and png/{CARS}" if self.cars else "")
             raise DataError(
                 f"{missing[0]} is missing{more}; data.root={self.root} is an incomplete "
-                "RadioMapSeer copy: restore the png/buildings_complete and png/antennas "
-                "folders, or point data.root at a complete copy"
+                f"RadioMapSeer copy: restore the {folders} folders, or point data.root at a "
+                "complete copy"
             )
 
     def __len__(self) -> int:
@@ -269,9 +303,10 @@ class RadioMapSeer(Dataset):
         image = self._load(self.gain_dir / f"{m}_{tx}.png")
         buildings = self._load(self.building_dir / f"{m}.png")
         antenna = self._load(self.antenna_dir / f"{m}_{tx}.png", keep_peaks=True)
+        third = self._load(self.cars_dir / f"{m}.png") if self.cars else buildings
         return {
             "image": image,
-            "cond": torch.cat([buildings, antenna, buildings]),
+            "cond": torch.cat([buildings, antenna, third]),
             "name": f"{m}_{tx}",
             "img_name": f"{m}_{tx}.png",
         }

@@ -9,6 +9,12 @@ Layout written under the dataset root (``m`` = map index, ``tx`` = transmitter i
     png/buildings_complete/{m}.png   255 inside buildings, 0 outside
     png/antennas/{m}_{tx}.png        255 at the transmitter pixel, 0 elsewhere
     gain/DPM/{m}_{tx}.png            received gain, 0 inside buildings
+
+and, only when asked for, the other parts of the release that RadioDiff reads::
+
+    gain/IRT2/{m}_{tx}.png           a second simulation (``simulations``)
+    png/cars/{m}.png                 255 inside cars parked in the streets (``cars``)
+    gain/cars{sim}/{m}_{tx}.png      each simulation with the cars as obstacles (``cars``)
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import itertools
 import logging
 import os
 import shutil
+import typing as tp
 import uuid
 from pathlib import Path
 
@@ -41,6 +48,17 @@ GAIN_AT_1M = 255.0
 GAIN_SLOPE = 75.0
 WALL_LOSS = 1.5
 MAP_METRES = 256.0
+
+SIMULATION_WALL_LOSS = {"DPM": WALL_LOSS, "IRT2": 2.5}
+"""The simulations the generator can write, by their RadioMapSeer folder name. The stand-in
+IRT2 is the same model with deeper building shadows: a different target on the same inputs,
+which is what swapping ``data.simulation`` means for the model."""
+
+CAR_LOSS = 4.0
+"""Gain lost per metre of car on the straight ray (``gain/cars<simulation>``)."""
+
+CARS_STREAM = 1
+"""Third seed word of the cars' generator, so cars never shift the buildings or transmitters."""
 
 
 def _blocks(rng: np.random.Generator, size: int) -> list[tuple[int, int]]:
@@ -85,12 +103,44 @@ def city_layout(rng: np.random.Generator, size: int) -> np.ndarray:
     return buildings
 
 
-def radio_map(buildings: np.ndarray, tx: tuple[int, int]) -> np.ndarray:
+def car_layout(rng: np.random.Generator, buildings: np.ndarray) -> np.ndarray:
+    """Cars: small rectangles along both street directions, never inside a building.
+
+    About 2 x 4 m, the size of RadioMapSeer's cars, scaled with the map like the metres.
+    """
+    size = buildings.shape[0]
+    short, long = max(1, size // 128), max(2, size // 64)
+    cars = np.zeros(buildings.shape, dtype=bool)
+    for _ in range(max(4, size * size // 1024)):
+        height, width = (short, long) if rng.random() < 0.5 else (long, short)
+        r = int(rng.integers(0, size - height + 1))
+        c = int(rng.integers(0, size - width + 1))
+        if not buildings[r : r + height, c : c + width].any():
+            cars[r : r + height, c : c + width] = True
+    return cars
+
+
+def _crossed(mask: np.ndarray, sample_rows: np.ndarray, sample_cols: np.ndarray) -> np.ndarray:
+    """How many of a pixel's RAY_SAMPLES ray samples fall inside ``mask``."""
+    solid = mask.astype(np.uint8)
+    count = np.zeros(mask.shape, dtype=np.uint8)  # at most RAY_SAMPLES, fits uint8
+    for k in range(RAY_SAMPLES):
+        count += solid.take(sample_rows[k], axis=0).take(sample_cols[k], axis=1)
+    return count
+
+
+def radio_map(
+    buildings: np.ndarray,
+    tx: tuple[int, int],
+    wall_loss: float = WALL_LOSS,
+    cars: np.ndarray | None = None,
+) -> np.ndarray:
     """Gain map for a transmitter at pixel ``tx`` = (row, col), as uint8 PNG values.
 
-    Log-distance path loss plus a loss per metre of building crossed on the straight ray.
-    The ray samples are separable (a sample's row depends only on the pixel's row), so the
-    wall count is two 1-D gathers per sample instead of a per-pixel ray march.
+    Log-distance path loss plus ``wall_loss`` per metre of building crossed on the straight
+    ray, and :data:`CAR_LOSS` per metre of ``cars`` (a mask) when given. The ray samples are
+    separable (a sample's row depends only on the pixel's row), so the wall count is two 1-D
+    gathers per sample instead of a per-pixel ray march.
     """
     height, width = buildings.shape
     metres_per_px = MAP_METRES / max(height, width)
@@ -100,13 +150,11 @@ def radio_map(buildings: np.ndarray, tx: tuple[int, int]) -> np.ndarray:
     t = (np.arange(RAY_SAMPLES, dtype=np.float64) + 0.5) / RAY_SAMPLES
     sample_rows = np.rint(ty + t[:, None] * rows[None, :]).astype(np.intp)
     sample_cols = np.rint(tx_col + t[:, None] * cols[None, :]).astype(np.intp)
-    solid = buildings.astype(np.uint8)
-    walls = np.zeros((height, width), dtype=np.uint8)  # at most RAY_SAMPLES, fits uint8
-    for k in range(RAY_SAMPLES):
-        walls += solid.take(sample_rows[k], axis=0).take(sample_cols[k], axis=1)
     dist_m = np.hypot(rows[:, None], cols[None, :]) * metres_per_px
-    wall_m = walls / RAY_SAMPLES * dist_m
-    gain = GAIN_AT_1M - GAIN_SLOPE * np.log10(np.maximum(dist_m, 1.0)) - WALL_LOSS * wall_m
+    wall_m = _crossed(buildings, sample_rows, sample_cols) / RAY_SAMPLES * dist_m
+    gain = GAIN_AT_1M - GAIN_SLOPE * np.log10(np.maximum(dist_m, 1.0)) - wall_loss * wall_m
+    if cars is not None:
+        gain -= CAR_LOSS * (_crossed(cars, sample_rows, sample_cols) / RAY_SAMPLES * dist_m)
     gain = np.clip(np.rint(gain), 0, 255).astype(np.uint8)
     gain[buildings] = 0
     return gain
@@ -120,11 +168,22 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def generate(root: Path, num_maps: int, tx_per_map: int, seed: int, size: int = 256) -> None:
+def generate(
+    root: Path,
+    num_maps: int,
+    tx_per_map: int,
+    seed: int,
+    size: int = 256,
+    simulations: tp.Sequence[str] = ("DPM",),
+    cars: bool = False,
+) -> None:
     """Write ``num_maps`` maps with ``tx_per_map`` transmitters each into ``root``.
 
-    Map ``m`` draws from its own generator seeded with ``(seed, m)``: the output is a pure
-    function of the arguments and the global RNGs are never touched.
+    One ``gain/<simulation>`` folder per entry of ``simulations``; with ``cars``, the car maps
+    and a ``gain/cars<simulation>`` folder per simulation too. Map ``m`` draws from its own
+    generator seeded with ``(seed, m)``, its cars from ``(seed, m, CARS_STREAM)``: the output is
+    a pure function of the arguments, asking for more leaves the other files byte for byte as
+    they are, and the global RNGs are never touched.
     """
     problems = [
         f"{name} must be >= {low} (got {value})"
@@ -136,13 +195,23 @@ def generate(root: Path, num_maps: int, tx_per_map: int, seed: int, size: int = 
         )
         if value < low
     ]
+    if not simulations or any(sim not in SIMULATION_WALL_LOSS for sim in simulations):
+        problems.append(
+            f"simulations must be some of {', '.join(SIMULATION_WALL_LOSS)} (got {list(simulations)})"
+        )
     if problems:
         raise ConfigError("synthetic data: " + "; ".join(problems))
     root = Path(root)
     building_dir = root / "png" / "buildings_complete"
     antenna_dir = root / "png" / "antennas"
-    gain_dir = root / "gain" / "DPM"
-    for folder in (building_dir, antenna_dir, gain_dir):
+    cars_dir = root / "png" / "cars"
+    gains = [
+        (root / "gain" / f"{prefix}{sim}", SIMULATION_WALL_LOSS[sim], bool(prefix))
+        for prefix in ("", "cars")[: 1 + cars]
+        for sim in dict.fromkeys(simulations)
+    ]
+    folders = [building_dir, antenna_dir, *[cars_dir] * cars, *(folder for folder, _, _ in gains)]
+    for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     for m in range(num_maps):
         rng = np.random.default_rng([seed, m])
@@ -151,13 +220,18 @@ def generate(root: Path, num_maps: int, tx_per_map: int, seed: int, size: int = 
         if free.size < tx_per_map:
             raise ConfigError(f"synthetic map {m} has too few free pixels for {tx_per_map} tx")
         _save_png(np.where(buildings, 255, 0).astype(np.uint8), building_dir / f"{m}.png")
+        car_mask = car_layout(np.random.default_rng([seed, m, CARS_STREAM]), buildings) if cars else None
+        if car_mask is not None:
+            _save_png(np.where(car_mask, 255, 0).astype(np.uint8), cars_dir / f"{m}.png")
         for tx, flat in enumerate(rng.choice(free, size=tx_per_map, replace=False)):
             pos = divmod(int(flat), size)
             antenna = np.zeros((size, size), dtype=np.uint8)
             antenna[pos] = 255
             _save_png(antenna, antenna_dir / f"{m}_{tx}.png")
-            _save_png(radio_map(buildings, pos), gain_dir / f"{m}_{tx}.png")
-    for folder in (building_dir, antenna_dir, gain_dir, root / "png", root / "gain", root):
+            for folder, wall_loss, with_cars in gains:
+                gain = radio_map(buildings, pos, wall_loss, car_mask if with_cars else None)
+                _save_png(gain, folder / f"{m}_{tx}.png")
+    for folder in (*folders, root / "png", root / "gain", root):
         fsync_dir(folder)
 
 
@@ -182,8 +256,36 @@ def _move_aside(path: Path) -> None:
     _remove(aside)
 
 
+def synthetic_root(
+    cache_dir: str | Path,
+    num_maps: int,
+    tx_per_map: int,
+    seed: int,
+    size: int = 256,
+    simulations: tp.Sequence[str] = ("DPM",),
+    cars: bool = False,
+) -> Path:
+    """Where :func:`ensure_synthetic` keeps this parameter set (complete once it holds ``COMPLETE``).
+
+    Only folders with more than the default gain/DPM have the extras in their name, so caches
+    written before those existed stay valid.
+    """
+    sims = sorted(set(simulations))
+    extras = "" if sims == ["DPM"] and not cars else "-" + "+".join(sims) + "-cars" * cars
+    return (
+        Path(cache_dir).expanduser()
+        / f"radiomapseer-synth-s{seed}-m{num_maps}-t{tx_per_map}-{size}{extras}"
+    )
+
+
 def ensure_synthetic(
-    cache_dir: str | Path, num_maps: int, tx_per_map: int, seed: int, size: int = 256
+    cache_dir: str | Path,
+    num_maps: int,
+    tx_per_map: int,
+    seed: int,
+    size: int = 256,
+    simulations: tp.Sequence[str] = ("DPM",),
+    cars: bool = False,
 ) -> Path:
     """Return a complete synthetic dataset root, generating it once per parameter set.
 
@@ -191,8 +293,8 @@ def ensure_synthetic(
     ``COMPLETE`` marker is written, so concurrent jobs sharing a cache never see a half
     written dataset and a crash never leaves one behind under the final name.
     """
-    cache_dir = Path(cache_dir).expanduser()
-    final = cache_dir / f"radiomapseer-synth-s{seed}-m{num_maps}-t{tx_per_map}-{size}"
+    final = synthetic_root(cache_dir, num_maps, tx_per_map, seed, size, simulations, cars)
+    cache_dir = final.parent
     if (final / COMPLETE_MARKER).is_file():
         return final
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +308,7 @@ def ensure_synthetic(
         final,
     )
     try:
-        generate(staging, num_maps, tx_per_map, seed, size)
+        generate(staging, num_maps, tx_per_map, seed, size, simulations, cars)
         with open(staging / COMPLETE_MARKER, "w") as f:
             f.write(f"seed={seed} num_maps={num_maps} tx_per_map={tx_per_map} size={size}\n")
             f.flush()

@@ -16,6 +16,7 @@ import logging
 import math
 import typing as tp
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -80,6 +81,10 @@ class Guard:
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.consecutive_skips = 0
         self.rollbacks_since_save = 0
+        self.rolled_back_to: list[Path] = []
+        """The checkpoints rolled back to since the last commit, oldest last. Each one but the last led
+        straight back to a state that had to be rolled back again (nothing was committed in between),
+        so none of them is believed good; live only (a restart starts with none)."""
         self.lr_scale = 1.0
         self._step_snapshot: list[torch.Tensor] | None = None
         self._rejected: torch.Tensor | None = None
@@ -266,9 +271,10 @@ class Guard:
     def may_roll_back(self) -> bool:
         return self.rollbacks_since_save < self.cfg.rollback.max_rollbacks
 
-    def rolled_back(self, carried: dict[str, tp.Any]) -> None:
-        """After a checkpoint was reloaded: counters continue from ``carried`` (what they were before
-        the reload), one more rollback, the LR scaled."""
+    def rolled_back(self, carried: dict[str, tp.Any], to: Path) -> None:
+        """After checkpoint ``to`` was reloaded: counters continue from ``carried`` (what they were
+        before the reload), one more rollback, the LR scaled."""
+        self.rolled_back_to.append(to)
         self.counts = dict(carried["counts"])
         self.counts["rollbacks"] += 1
         self.rollbacks_since_save = carried["rollbacks_since_save"] + 1
@@ -282,6 +288,7 @@ class Guard:
     def saved(self) -> None:
         """A new checkpoint committed: rollbacks are counted afresh from it."""
         self.rollbacks_since_save = 0
+        self.rolled_back_to.clear()
 
     def nonfinite_weights(self) -> bool:
         """Whether any trainable weight is NaN/Inf (one host sync; at checks, never per step)."""

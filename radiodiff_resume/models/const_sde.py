@@ -1,9 +1,11 @@
-"""RadioDiff's decoupled constant-SDE diffusion (``model.objective: radiodiff``).
+"""RadioDiff's decoupled constant-SDE diffusion (``model.objective: radiodiff`` / ``radiodiff_paper``).
 
 Continuous time ``t`` in ``[eps, 1]``: ``x_t = x_0 + C t + sqrt(t) noise`` with the constant drift
-``C = -x_0``, so ``x_1`` is pure noise. The denoiser predicts ``C`` and the noise as two halves of its
-output channels; sampling starts from noise at ``t = 1`` and removes the predicted drift and noise
-step by step, with a last step from ``eps`` to 0 (RadioDiff's ``denoise``).
+``C = -x_0``, so ``x_1`` is pure noise. The denoiser predicts ``C`` and the noise; sampling starts from
+noise at ``t = 1`` and removes the predicted drift and noise step by step, with a last step from ``eps``
+to 0 (RadioDiff's ``denoise``). The arithmetic follows upstream's ``LatentDiffusion`` (commit 14c4a8c)
+operation for operation in float32, so the same weights and the same random draws give upstream's numbers
+(``tests/models/test_radiodiff_parity.py`` checks them against upstream's own outputs).
 """
 
 from __future__ import annotations
@@ -14,17 +16,22 @@ from dataclasses import dataclass
 
 import torch
 
-Predict = tp.Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(x_t, t) -> prediction`` with ``2 * channels`` channels: the drift ``C``, then the noise."""
+Predict = tp.Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""``(x_t, t) -> (drift C, noise)``, ``t`` the continuous time of each sample."""
 
 NETWORK_TIME_FLOOR = 1e-4
 """RadioDiff's default ``eps``: :func:`network_time` maps ``[NETWORK_TIME_FLOOR, 1]`` onto ``[0, 1000]``."""
 
+WEIGHTINGS = ("radiodiff", "paper")
+"""Loss weights of the drift and noise terms: ``radiodiff`` is upstream's current ``LatentDiffusion``
+(``2 exp(1 - t)`` and ``exp(sqrt t)``, applied when ``weighting_loss`` is true); ``paper`` is the code
+released with the paper (``(t + 1)/sqrt t`` and ``sqrt(2 - t)/sqrt(1 - t + eps)``)."""
+
 
 def network_time(t: torch.Tensor) -> torch.Tensor:
-    """The timestep the denoiser sees for continuous ``t``.
+    """The timestep a diffusers U-Net sees for continuous ``t`` (RadioDiff's own network takes ``t``).
 
-    RadioDiff conditions its UNet on ``log(t) / 4``; this is the same quantity mapped affinely onto
+    RadioDiff conditions its U-Net on ``log(t) / 4``; this is the same quantity mapped affinely onto
     the ``[0, 1000]`` range that diffusers' sinusoidal timestep embedding is built for (``t = 1``
     → 1000, ``t = 1e-4`` → 0), so the noisiest input has the largest timestep as in DDPM. The map is
     fixed (not taken from ``model.eps``): the network's input must not change with a loss setting.
@@ -33,7 +40,7 @@ def network_time(t: torch.Tensor) -> torch.Tensor:
 
 
 def split(pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(C, noise)`` halves of the denoiser's output channels."""
+    """``(C, noise)`` halves of a one-tensor denoiser's output channels."""
     drift, noise = pred.chunk(2, dim=1)
     return drift, noise
 
@@ -54,74 +61,85 @@ def x0_from(x: torch.Tensor, drift: torch.Tensor, noise: torch.Tensor, t: torch.
     return x - drift * time - time.sqrt() * noise
 
 
-def time_grid(steps: int, eps: float) -> list[float]:
-    """Times the sampler visits: ``1, 1 - 1/steps, ..., 1/steps, eps, 0``.
+def schedule(steps: int, eps: float) -> list[tuple[float, float]]:
+    """``(t, s)`` of each denoiser call: the time it sees and the stride taken from there, in float32.
 
-    ``steps`` equal strides from 1 down to ``eps`` (the last one shortened by ``eps``), then
-    RadioDiff's final denoising step from ``eps`` to 0: ``steps + 1`` denoiser calls in all.
+    ``steps`` strides of ``1/steps`` from 1, the last one shortened by ``eps``, then one more call that
+    takes whatever time is left (about ``eps``) down to 0: ``steps + 1`` calls. The times are float32
+    subtractions as upstream makes them (``0.40000004`` for 0.4 at 5 steps), not exact decimals.
     """
-    return [1.0 - k / steps for k in range(steps)] + [eps, 0.0]
+    stride = 1.0 / steps
+    strides = torch.tensor([stride] * (steps - 1) + [stride - eps, eps], dtype=torch.float32)
+    now = torch.ones((), dtype=torch.float32)
+    calls = []
+    for i, s in enumerate(strides):
+        s = now.clone() if i == len(strides) - 1 else s
+        calls.append((float(now), float(s)))
+        now = now - s
+    return calls
 
 
-def step(x: torch.Tensor, pred: torch.Tensor, t: float, t_next: float,
+def step(x: torch.Tensor, drift: torch.Tensor, noise: torch.Tensor, t: float, s: float,
          generator: torch.Generator | None) -> torch.Tensor:
-    """One reverse step of RadioDiff's pred_KC sampler from ``t`` to ``t_next``.
+    """One reverse step of RadioDiff's pred_KC sampler from ``t`` by ``s``.
 
-    The drift is re-derived from the implied clean latent (``C = -x_0``), the predicted noise is
-    removed in proportion ``s / sqrt(t)`` (``s = t - t_next``) and fresh noise of variance
-    ``s t_next / t`` restores the marginal variance ``t_next``; the step to 0 adds none.
+    The drift is re-derived from the implied clean latent (``C = -x_0``), the predicted noise is removed in
+    proportion ``s / sqrt(t)`` and fresh noise of variance ``s (t - s) / t`` restores the marginal
+    variance; on the last step (``s = t``) that variance is 0. Fresh noise is drawn on every step, the
+    last included, as upstream does, so a seeded stream stays aligned with upstream's.
     """
-    drift, noise = split(pred)
-    s = t - t_next
-    x0 = x0_from(x, drift, noise, torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype))
-    mean = x + x0 * s - (s / math.sqrt(t)) * noise
-    if t_next == 0.0:
-        return mean
+    time = torch.full((x.shape[0], *([1] * (x.dim() - 1))), t, device=x.device, dtype=x.dtype)
+    stride = torch.full_like(time, s)
+    drift = -(x - drift * time - torch.sqrt(time) * noise)
+    mean = x - drift * stride - stride / torch.sqrt(time) * noise
     fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    return mean + math.sqrt(s * t_next / t) * fresh
+    return mean + torch.sqrt(stride * (time - stride) / time) * fresh
 
 
 def sample(predict: Predict, shape: tuple[int, ...], steps: int, eps: float,
            generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
     """Latents from noise at ``t = 1``; all randomness from ``generator``, the trajectory in fp32."""
     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-    times = time_grid(steps, eps)
-    for t, t_next in zip(times[:-1], times[1:], strict=True):
-        pred = predict(x, torch.full((shape[0],), t, device=device, dtype=torch.float32))
-        x = step(x, pred.float(), t, t_next, generator)
+    for t, s in schedule(steps, eps):
+        drift, noise = predict(x, torch.full((shape[0],), t, device=device, dtype=torch.float32))
+        x = step(x, drift.float(), noise.float(), t, s, generator)
     return x
 
 
 @dataclass(frozen=True)
 class ConstantSDE:
-    """The training objective: RadioDiff's ``p_losses`` for ``objective: pred_KC``."""
+    """The training objective: upstream's ``LatentDiffusion.p_losses`` for ``objective: pred_KC``."""
 
     eps: float = 1e-4
     """Smallest training time (``t ~ U[eps, 1]``) and the time of the last sampling step."""
     loss_type: str = "l2"
     """Distance of each prediction to its target: ``l2`` (squared) or ``l1``."""
     weighting_loss: bool = True
-    """Weigh the drift term by ``(t + 1) / sqrt(t)`` and the noise term by
-    ``sqrt(2 - t) / sqrt(1 - t + eps)``: the weights RadioDiff's ``LatentDiffusion.p_losses`` always
-    applies (its ``weighting_loss`` flag only switches the pixel-space ``DDPM`` class's). False: 1."""
+    """Weigh the drift and noise terms by time (``weighting``); False: both weights 1."""
     use_l1: bool = True
     """Average the ``loss_type`` terms with the same terms in L1."""
+    weighting: str = "radiodiff"
+    """Which weights (:data:`WEIGHTINGS`)."""
 
     def sample_time(self, n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
         """``n`` times uniform in ``[eps, 1)``."""
         u = torch.rand((n,), generator=generator, device=device)
         return u * (1.0 - self.eps) + self.eps
 
-    def loss(self, pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+    def weights(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample weights of the drift and the noise term."""
+        if not self.weighting_loss:
+            return torch.ones_like(t), torch.ones_like(t)
+        if self.weighting == "paper":
+            return (t + 1) / t.sqrt(), (2 - t).sqrt() / (1 - t + self.eps).sqrt()
+        return 2 * torch.exp(1 - t), torch.exp(torch.sqrt(t))
+
+    def loss(self, drift: torch.Tensor, noise_pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
              t: torch.Tensor) -> torch.Tensor:
         """Weighted error of the predicted drift (target ``-x_0``) and noise, averaged per sample
         and then over the batch, all in fp32."""
-        drift, eps_pred = split(pred.float())
-        drift_error, noise_error = drift + x0.float(), eps_pred - noise.float()
-        if self.weighting_loss:
-            drift_weight, noise_weight = (t + 1) / t.sqrt(), (2 - t).sqrt() / (1 - t + self.eps).sqrt()
-        else:
-            drift_weight, noise_weight = torch.ones_like(t), torch.ones_like(t)
+        drift_error, noise_error = drift.float() + x0.float(), noise_pred.float() - noise.float()
+        drift_weight, noise_weight = self.weights(t.float())
 
         def weighted(distance: tp.Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
             return (drift_weight * distance(drift_error).flatten(1).mean(1)

@@ -1,9 +1,12 @@
-"""Conditional latent diffusion from diffusers parts.
+"""Conditional latent diffusion: a frozen first stage, a condition path and a denoiser.
 
-The denoiser sees the noisy latent concatenated with an encoded condition (buildings,
-transmitter, buildings). ``scale_factor`` is a persistent buffer, so it travels with
-``state_dict`` and a strict load cannot silently drop it. Two objectives: DDPM with DDIM sampling
-(``noise_scheduler``), or RadioDiff's constant SDE (``const_sde``, see :mod:`.const_sde`).
+Two kinds of denoiser: one that sees the noisy latent concatenated with an encoded condition (buildings,
+transmitter, buildings) from ``cond_encoder`` (diffusers' ``UNet2DModel`` by default), or one that
+encodes the raw condition itself (``takes_condition = True``: RadioDiff's Swin-conditioned U-Net,
+:mod:`.radiodiff_unet`, called as ``unet(x_t, t, cond) -> (drift, noise)`` with continuous ``t``).
+``scale_factor`` is a persistent buffer, so it travels with ``state_dict`` and a strict load cannot
+silently drop it. Two objectives: DDPM with DDIM sampling (``noise_scheduler``), or RadioDiff's constant
+SDE (``const_sde``, see :mod:`.const_sde`).
 """
 
 from __future__ import annotations
@@ -96,6 +99,10 @@ class ConditionalLDM(nn.Module):
         self.loss_type = loss_type
         self.sampling_timesteps = sampling_timesteps
         self.const_sde = const_sde
+        self.takes_condition = bool(getattr(unet, "takes_condition", False))
+        if self.takes_condition and const_sde is None:
+            raise ValueError(f"{type(unet).__name__} predicts RadioDiff's drift and noise: it needs "
+                             "model.objective radiodiff or radiodiff_paper")
         self.register_buffer("scale_factor", torch.tensor(float(scale_factor)), persistent=True)
 
     def train(self, mode: bool = True) -> ConditionalLDM:
@@ -160,17 +167,32 @@ class ConditionalLDM(nn.Module):
     def denoise(self, noisy: torch.Tensor, cond_features: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return _sample_of(self.unet(torch.cat([noisy, cond_features], dim=1), t))
 
+    def condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """What the denoiser is conditioned on: the raw maps, or their encoding by ``cond_encoder``."""
+        return cond if self.takes_condition else self.cond_encoder(cond)
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor,
+                condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RadioDiff's drift and noise at continuous times ``t``: from a network that takes them, or
+        from the two halves of a concatenating denoiser fed :func:`~.const_sde.network_time`."""
+        if self.takes_condition:
+            drift, noise = self.unet(x, t, condition)
+            return drift, noise
+        return sde.split(self.denoise(x, condition, sde.network_time(t)))
+
     def forward(
         self, image: torch.Tensor, cond: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
         """Training loss of one batch; all randomness comes from ``generator``."""
         z = self.encode(image, generator)
+        if self.const_sde is not None:
+            # upstream's order of draws: posterior sample, times, noise
+            time = self.const_sde.sample_time(z.shape[0], generator, z.device)
+            noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
+            drift, noise_pred = self.predict(sde.q_sample(z, noise, time), time, self.condition(cond))
+            return self.const_sde.loss(drift, noise_pred, z, noise, time)
         features = self.cond_encoder(cond)
         noise = torch.randn(z.shape, generator=generator, device=z.device, dtype=z.dtype)
-        if self.const_sde is not None:
-            time = self.const_sde.sample_time(z.shape[0], generator, z.device)
-            pred = self.denoise(sde.q_sample(z, noise, time), features, sde.network_time(time))
-            return self.const_sde.loss(pred, z, noise, time)
         t = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (z.shape[0],),
             generator=generator, device=z.device,
@@ -196,10 +218,10 @@ class ConditionalLDM(nn.Module):
         from ``generator``. The latent trajectory stays in fp32 under any autocast; only the
         denoiser's forward runs in the autocast dtype."""
         if self.const_sde is not None:
-            features = self.cond_encoder(cond)
+            condition = self.condition(cond)
 
-            def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return self.denoise(x, features, sde.network_time(t))
+            def predict(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                return self.predict(x, t, condition)
 
             z = sde.sample(predict, (cond.shape[0], *self.latent_shape), steps or self.sampling_timesteps,
                            self.const_sde.eps, generator, cond.device)
@@ -219,12 +241,14 @@ class ConditionalLDM(nn.Module):
                      generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Probe inputs for a batch: the maps, fixed latent noise and timesteps (from ``generator``).
         With ``const_sde`` the timesteps are what the denoiser sees for continuous times in
-        ``[eps, 1]``, so :meth:`probe` stays the same function for both objectives."""
+        ``[eps, 1]`` (the times themselves for a network that takes them), so :meth:`probe` stays the
+        same function for both objectives."""
         n = image.shape[0]
         noise = torch.randn((n, *self.latent_shape), generator=generator)
         if self.const_sde is not None:
             time = self.const_sde.sample_time(n, generator, noise.device)
-            return {"image": image, "cond": cond, "noise": noise, "timestep": sde.network_time(time)}
+            timestep = time if self.takes_condition else sde.network_time(time)
+            return {"image": image, "cond": cond, "noise": noise, "timestep": timestep}
         steps = self.noise_scheduler.config.num_train_timesteps
         timestep = torch.randint(0, steps, (n,), generator=generator)
         return {"image": image, "cond": cond, "noise": noise, "timestep": timestep}
@@ -236,5 +260,8 @@ class ConditionalLDM(nn.Module):
         encoder (with its running statistics in eval mode) and denoiser. It uses none of the loss
         settings (loss type, prediction type, noise schedule), so it measures the state, not the config."""
         z = self.encode_mode(image)
-        pred = self.denoise(0.8 * z + 0.6 * noise, self.cond_encoder(cond), timestep)
+        if self.takes_condition:
+            pred = torch.cat(self.unet(0.8 * z + 0.6 * noise, timestep, cond), dim=1)
+        else:
+            pred = self.denoise(0.8 * z + 0.6 * noise, self.cond_encoder(cond), timestep)
         return pred.double().square().mean() + self.decode(z).double().square().mean()

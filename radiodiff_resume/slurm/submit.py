@@ -26,7 +26,7 @@ from pathlib import Path
 from radiodiff_resume.cli import EXIT_STOPPED
 from radiodiff_resume.config import Config, build_config, to_dict
 from radiodiff_resume.errors import StopRequested, UserError
-from radiodiff_resume.io import write_text_atomic
+from radiodiff_resume.io import read_regular, write_text_atomic
 from radiodiff_resume.slurm.environment import job_id, requeue, time_left_s
 from radiodiff_resume.slurm.signals import STOP
 
@@ -94,7 +94,8 @@ class TrainJob:
         left = time_left_s(job) if job else None
         timed_out = job is None or (left is not None and left <= cfg.slurm.signal_lead_s + EARLY_SIGNAL_S)
         ledger_path = log_folder(cfg) / str(env.job_id) / LEDGER
-        ledger = json.loads(ledger_path.read_text()) if ledger_path.exists() else {"timeouts": 0, "other": 0}
+        fresh = {"timeouts": 0, "other": 0}
+        ledger = json.loads(read_regular(ledger_path)) if ledger_path.exists() else fresh
         if timed_out and ledger["timeouts"] >= cfg.slurm.max_num_timeout:
             logger.error("not requeued: the job reached its time limit %d times (slurm.max_num_timeout); "
                          "its checkpoint is committed: submit the same command to go on", ledger["timeouts"])

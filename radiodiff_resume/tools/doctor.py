@@ -8,6 +8,10 @@ from the online weights), guard statistics (start afresh), a missing or inconsis
 ``scale_factor`` (the manifest's value, or 1/std of a training batch's latents) — learnt
 weights are not. ``--fix`` writes a new checkpoint beside the original, never touching it,
 through the same trainer and file format as a save, and verifies it before saying so.
+
+``--fix`` rebuilds the run from the checkpoint's ``config.yaml``, but the code it imports and calls
+(every ``target`` key) is decided by the user: each must equal the one ``--cfg`` names at the same
+key (without ``--cfg``: the built-in defaults), or the repair is refused before anything is imported.
 """
 
 from __future__ import annotations
@@ -25,8 +29,6 @@ from pathlib import Path
 from radiodiff_resume.tools.checks import FAIL, OK, WARN, Checks
 
 if tp.TYPE_CHECKING:
-    import torch
-
     from radiodiff_resume.checkpoint.verify import Checkpoint
     from radiodiff_resume.trainer.base import Trainer
 
@@ -49,27 +51,17 @@ class Finding:
 
 
 def diagnose(ckpt: Checkpoint) -> list[Finding]:
-    """Every non-finite or impossible value in the shared state, classified."""
-    from radiodiff_resume.checkpoint.verify import floating_leaves
+    """Every non-finite or impossible value in the shared state (the verifier's own rule, value by
+    value), classified."""
+    from radiodiff_resume.checkpoint.verify import defect, floating_leaves
 
     findings = []
     for component in ("model", "ema", "optimizer", "guard", "probe"):
         for where, value in floating_leaves(ckpt.shared.get(component, {}), component):
-            what = _defect(where, value)
+            what = defect(where, value)
             if what:
                 findings.append(Finding(where, what, *classify(where)))
     return findings + _scale_factor_findings(ckpt)
-
-
-def _defect(where: str, value: torch.Tensor | float) -> str | None:
-    if isinstance(value, float):
-        return None if math.isfinite(value) else f"{value!r}"
-    v = value.detach().float()
-    nan, pos, neg = (int(x) for x in (v.isnan().sum(), v.isposinf().sum(), v.isneginf().sum()))
-    negative = int((v < 0).sum()) if where.endswith(("exp_avg_sq", "running_var")) else 0
-    counts = ((nan, "NaN"), (pos, "+Inf"), (neg, "-Inf"), (negative, "negative"))
-    parts = [f"{n} {label}" for n, label in counts if n]
-    return f"{', '.join(parts)} of {v.numel()} values" if parts else None
 
 
 def classify(where: str) -> tuple[str, str | None]:
@@ -106,12 +98,25 @@ def _scale_factor_findings(ckpt: Checkpoint) -> list[Finding]:
     return []
 
 
+def allowed_targets(cfg_path: str | None, overrides: tp.Sequence[str]) -> tuple[dict[str, tp.Any], str]:
+    """The code ``--fix`` may build (``target`` key → value) and whose decision that is: the user's
+    ``--cfg``, or without one this package's built-in defaults. Never the checkpoint's own config."""
+    from radiodiff_resume.config import Config, load_config, targets_in, to_dict
+
+    if cfg_path is None:
+        return targets_in(to_dict(Config())), "the built-in default (no --cfg given)"
+    return targets_in(to_dict(load_config(cfg_path, overrides))), f"--cfg {cfg_path}"
+
+
 class Doctor:
     """Diagnoses one checkpoint folder and, with ``fix``, writes a repaired copy beside it."""
 
-    def __init__(self, path: Path, overrides: tp.Sequence[str] = ()) -> None:
+    def __init__(self, path: Path, overrides: tp.Sequence[str],
+                 allowed: tuple[dict[str, tp.Any], str]) -> None:
         self.path = path
         self.overrides = list(overrides)
+        self.allowed = allowed
+        """What ``--fix`` may import and call, and who decided it (:func:`allowed_targets`)."""
         self.checks = Checks()
         self.repaired: Path | None = None
 
@@ -231,17 +236,26 @@ class Doctor:
         return ckpt.manifest.scale_factor if ckpt.manifest.scale_factor is not None else "measure"
 
     def trainer(self, ckpt: Checkpoint) -> Trainer:
-        """The trainer of the checkpoint's own config (read-only), to repair and probe the state in."""
+        """The trainer of the checkpoint's own config (read-only), to repair and probe the state in;
+        its ``target`` keys must name what :attr:`allowed` names, checked before anything is imported."""
         import yaml
 
         from radiodiff_resume.build import build_first_stage
-        from radiodiff_resume.config import build_config
+        from radiodiff_resume.config import build_config, targets_in
         from radiodiff_resume.errors import UserError
         from radiodiff_resume.run import first_stage_trainer, ldm_trainer, load_data, make_accelerator
 
         raw = yaml.safe_load(ckpt.config)
         if not isinstance(raw, dict):
             raise UserError(f"{self.path}/config.yaml is not a mapping; cannot rebuild the run to repair it")
+        allowed, whose = self.allowed
+        for key, target in targets_in(raw).items():
+            if target is not None and target != allowed[key]:
+                theirs = "none" if allowed[key] is None else repr(allowed[key])
+                raise UserError(
+                    f"doctor --fix: {self.path}/config.yaml sets {key}: {target!r}, but {whose} has {theirs} "
+                    "there; nothing was imported or run. A checkpoint's config never decides what code runs: "
+                    "pass --cfg with the config of the run that wrote it (it must name that target)")
         cfg = build_config(raw, self.overrides)
         accelerator = make_accelerator(cfg)
         train_set, val_set = load_data(cfg, accelerator)
@@ -306,9 +320,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     path = Path(args.checkpoint).expanduser()
     if not path.is_dir():
         raise UserError(f"{path}: no such checkpoint folder")
-    if not (path / "manifest.json").exists() and not any(path.glob("*.safetensors")):
-        raise UserError(f"{path} is not a checkpoint folder (no manifest.json, no .safetensors files)")
-    doctor = Doctor(path, args.overrides)
+    if not (path / "manifest.json").exists() and not (path / "config.yaml").exists():
+        weights = ": its .safetensors are weights only, like a run's final/" \
+            if any(path.glob("*.safetensors")) else ""
+        raise UserError(f"{path} is not a checkpoint folder (no manifest.json, no config.yaml{weights}); "
+                        "name one such as <results>/checkpoints/step-00001000")
+    doctor = Doctor(path, args.overrides, allowed_targets(args.cfg, args.overrides))
     checks = doctor.run(args.fix)
     repaired = str(doctor.repaired) if doctor.repaired else None
     text = checks.document(checkpoint=str(path), repaired=repaired) if args.json else checks.table()
@@ -328,8 +345,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                                                            "results/checkpoints/step-00001000")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides of the checkpoint's own config for --fix (e.g. "
-                             "data.root=... if the data moved)")
+                             "data.root=... if the data moved); applied to --cfg too")
     parser.add_argument("--fix", action="store_true",
                         help="write a repaired, verified copy beside the original (repaired-<name>-<time>)")
+    parser.add_argument("--cfg", default=None,
+                        help="the YAML config of the run: --fix builds only the model and data code "
+                             "(target keys) it names, never what the checkpoint's config.yaml names; "
+                             "without it, only the built-in defaults")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
     parser.set_defaults(func=cmd_doctor)

@@ -7,14 +7,22 @@ a real resume would *do* to the folder (quarantine, set aside, clean up) is repo
 nothing is written to the results folder. Then a few real optimizer steps run on real batches,
 in memory, to show that the state trains: finite loss, finite gradients, finite weights.
 
+Nothing is written anywhere else either, with one exception that is reported by path: the
+synthetic dataset, when the run's data cache does not hold it yet, is generated there as ``train``
+would generate it. The caches libraries create on import (matplotlib's, torch inductor's) go to a
+temporary folder removed at exit.
+
 Every process of an ``accelerate launch`` takes part; the main process prints the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
+import tempfile
 import typing as tp
 from pathlib import Path
 
@@ -36,6 +44,8 @@ class DryRun:
         """``checkpoint.resume`` for this dry-run: the config's, newest verified, or a folder."""
         self.steps = steps
         self.checks = Checks()
+        self.written: list[str] = []
+        """What this dry-run wrote, by path (only ever the synthetic dataset ``train`` would generate)."""
 
     def run(self) -> Checks:
         from radiodiff_resume.errors import UserError
@@ -48,8 +58,16 @@ class DryRun:
         if holder is not None:
             self.checks.add("lock", WARN, f"a run holds {self.cfg.results_folder} now ({holder}): its next "
                                           "save may change what this dry-run read")
+        generating = self.synthetic_to_generate()
         train_set, val_set = load_data(self.cfg, accelerator)
         sizes = f"{len(train_set)} training / {len(val_set)} validation samples"  # type: ignore[arg-type]
+        if generating is not None and generating[1].exists():
+            final, new = generating
+            files = sum(p.is_file() for p in new.rglob("*"))
+            created = f"; {new} was created for it" if new != final else ""
+            self.written.append(f"{final} ({files} files of synthetic data{created})")
+            sizes += (f"; the synthetic dataset was not in data.synthetic.cache_dir yet: generated into "
+                      f"{final} ({files} files{created}), as `train` does on first use")
         self.checks.add("data", OK, sizes)
         try:
             trainer = self.trainer(accelerator, train_set, val_set)
@@ -59,6 +77,21 @@ class DryRun:
         self.restore(trainer)
         accelerator.wait_for_everyone()
         return self.checks
+
+    def synthetic_to_generate(self) -> tuple[Path, Path] | None:
+        """Where the synthetic dataset will be generated and the topmost folder that creates, when the
+        run uses it and its cache does not hold it complete yet; None otherwise."""
+        from radiodiff_resume.data.synthetic import COMPLETE_MARKER, synthetic_root
+
+        d = self.cfg.data
+        if d.root is not None or d.train is not None:
+            return None
+        s = d.synthetic
+        final = synthetic_root(s.cache_dir, s.num_maps, s.tx_per_map, s.seed, s.size)
+        if (final / COMPLETE_MARKER).is_file():
+            return None
+        missing = [p for p in (final, *final.parents) if not p.exists()]
+        return final, missing[-1] if missing else final
 
     def trainer(self, accelerator: Accelerator, train_set: tp.Any, val_set: tp.Any) -> Trainer:
         """The trainer a real run would resume: the LDM's, or the first stage's while that is
@@ -149,19 +182,14 @@ class DryRun:
             self.checks.add("provenance", WARN, line)
 
     def check_optimizer(self, trainer: Trainer, saved: tp.Mapping[str, tp.Any]) -> None:
-        """Adam's moments and step counts against the parameters and the training step."""
-        import torch
-
+        """Adam's step counts against the training step (a negative second moment never gets this far:
+        the verifier's ``finite`` level refuses it as damage, as ``train`` does)."""
         step = trainer.state.step
         state = trainer.optimizer.state_dict()["state"]
         problems, counts = [], set()
-        for index, slots in state.items():
+        for slots in state.values():
             if "step" in slots:
                 counts.add(int(slots["step"]))
-            sq = slots.get("exp_avg_sq")
-            if isinstance(sq, torch.Tensor) and bool((sq < 0).any()):
-                problems.append(f"parameter {index}: exp_avg_sq has negative entries (its square root is "
-                                "NaN: the first step would poison the weights)")
         if counts and max(counts) > step:
             problems.append(f"Adam has stepped {max(counts)} times but the training step is {step}")
         if problems:
@@ -223,6 +251,52 @@ def _yaml_mapping(text: str) -> dict[str, tp.Any]:
     return data if isinstance(data, dict) else {}
 
 
+def check_named_checkpoint(value: str, key: str) -> None:
+    """A checkpoint named by ``--checkpoint`` or ``checkpoint.resume`` must be a checkpoint folder: a path
+    that is none is a usage error (exit 2), not a damaged checkpoint (exit 1)."""
+    from radiodiff_resume.checkpoint.manifest import MANIFEST, parse_step
+    from radiodiff_resume.errors import UserError
+
+    path = Path(value).expanduser()
+    named = f"--checkpoint {value}" if key == "--checkpoint" else f"checkpoint.resume={value}"
+    latest = "--checkpoint latest" if key == "--checkpoint" else "checkpoint.resume=auto"
+    if not path.exists():
+        raise UserError(f"dry-run: {named}: no such checkpoint folder; name one (e.g. "
+                        f"<results>/checkpoints/step-00001000) or use {latest} for the newest that verifies")
+    if not path.is_dir():
+        raise UserError(f"dry-run: {named} is a file, not a checkpoint folder; name the folder holding "
+                        f"manifest.json or use {latest}")
+    if (path / MANIFEST).exists():
+        return
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    steps = sorted(p.name for p in folder.iterdir() if p.is_dir() and parse_step(p.name) is not None)
+    if steps:
+        raise UserError(f"dry-run: {named} holds checkpoints but is not one: name one of them "
+                        f"({folder / steps[-1]} is the newest) or use {latest}")
+
+
+PRIVATE_CACHES = ("MPLCONFIGDIR", "TORCHINDUCTOR_CACHE_DIR")
+"""Where libraries the trainer imports create folders on import: matplotlib its config folder and font
+cache (under HOME), torch's dynamo its inductor cache (in TMPDIR)."""
+
+
+@contextlib.contextmanager
+def private_caches() -> tp.Iterator[None]:
+    """:data:`PRIVATE_CACHES` inside one temporary folder, removed afterwards: a dry-run leaves no cache
+    behind (it compiles and draws nothing worth keeping)."""
+    before = {name: os.environ.get(name) for name in PRIVATE_CACHES}
+    with tempfile.TemporaryDirectory(prefix="radiodiff-dry-run-") as folder:
+        os.environ.update({name: os.path.join(folder, name.lower()) for name in PRIVATE_CACHES})
+        try:
+            yield
+        finally:
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
 def cmd_dry_run(args: argparse.Namespace) -> int:
     from radiodiff_resume.cli import is_main_process
     from radiodiff_resume.config import load_config
@@ -230,24 +304,35 @@ def cmd_dry_run(args: argparse.Namespace) -> int:
 
     if args.steps < 0:
         raise UserError(f"--steps {args.steps}: must be 0 or more")
-    cfg = load_config(args.cfg, args.overrides)
-    checks = DryRun(cfg, args.checkpoint, args.steps).run()
+    with private_caches():
+        cfg = load_config(args.cfg, args.overrides)
+        named, key = (args.checkpoint, "--checkpoint") if args.checkpoint else (cfg.checkpoint.resume,
+                                                                                "checkpoint.resume")
+        if named not in ("latest", "auto", "never"):
+            check_named_checkpoint(named, key)
+        dry_run = DryRun(cfg, args.checkpoint, args.steps)
+        checks = dry_run.run()
     if is_main_process():
-        print(checks.document(config=str(args.cfg)) if args.json else checks.table(), flush=True)
+        written = "; ".join(dry_run.written)
+        print(checks.document(config=str(args.cfg), written=dry_run.written) if args.json else checks.table(),
+              flush=True)
         if not args.json:
             failed = sum(c.status == FAIL for c in checks)
             verdict = f"FAILED ({failed} check(s))" if failed else "passed"
-            print(f"\ndry-run {verdict}; nothing was written", file=sys.stderr)
+            print(f"\ndry-run {verdict}; {'written: ' + written if written else 'nothing was written'}",
+                  file=sys.stderr)
     return 1 if checks.failed else 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = sub.add_parser(
-        "dry-run", help="check, before spending GPU hours, whether a resume will work (writes nothing)",
+        "dry-run", help="check, before spending GPU hours, whether a resume will work (changes no run)",
         description="Build the run exactly as `train` would, verify and restore the checkpoint it would "
                     "resume from, check optimizer, LR, running statistics, RNG/data state and config "
-                    "changes, then run a few real steps in memory. Writes nothing. Exit 0: all checks "
-                    "passed; 1: a check failed; 2: usage or config error.")
+                    "changes, then run a few real steps in memory. Writes nothing, except the synthetic "
+                    "dataset when the run uses it and its cache lacks it (generated there as `train` would, "
+                    "and named in the output). Exit 0: all checks passed; 1: a check failed; 2: usage or "
+                    "config error, or --checkpoint is not a checkpoint folder.")
     parser.add_argument("--cfg", required=True, help="the YAML config of the run")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
     parser.add_argument("--checkpoint", default=None,

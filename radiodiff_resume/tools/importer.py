@@ -3,12 +3,15 @@ of our verified checkpoints, so that ``radiodiff-resume train`` continues it, or
 
 What SRC is decides how it is read and what ``--out`` names (:data:`SOURCE_KINDS`): an accelerate
 ``save_state`` folder, converted here into a checkpoint of the run (``--out``: its results folder), or a
-RadioDiff ``model-N.pt``, whose first stage becomes our first stage's weights
-(:mod:`radiodiff_resume.compat.radiodiff_ckpt`; ``--out``: that ``.safetensors`` file).
-A source is first read into plain tensors and numbers — safetensors as they are, every ``.bin`` / ``.pt``
-/ ``.pkl`` through torch's weights-only unpickler, so a file that would run code is refused before any of
-it runs — then the run is built exactly as ``train`` builds it from CFG, the source is matched onto it
-tensor by tensor (names, shapes and dtypes exactly), and the result is committed through the run's own
+RadioDiff ``model-N.pt``: a whole LDM run when CFG builds RadioDiff's network
+(:mod:`radiodiff_resume.compat.radiodiff_ldm`; ``--out``: the results folder), else its first stage, which
+becomes our first stage's weights (:mod:`radiodiff_resume.compat.radiodiff_ckpt`; ``--out``: that
+``.safetensors`` file).
+A source is first read into plain tensors and numbers — safetensors as they are, every ``.bin`` /
+``.pt`` / ``.pkl`` through torch's weights-only unpickler (on torch >= 2.10, :func:`unpickler_refusal`), so
+a file that would run code is refused before any of it runs — then the run is built exactly as ``train``
+builds it from CFG, the source is matched onto it tensor by tensor (names, shapes and dtypes exactly), and
+the result is committed through the run's own
 :class:`~radiodiff_resume.checkpoint.checkpointer.Checkpointer` with its provenance in the manifest.
 Torch is imported only when a command runs, so the CLI stays cheap to start.
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickletools
 import re
 import shlex
 import typing as tp
@@ -54,16 +58,20 @@ SHARDED = re.compile(r"^(pytorch_model_fsdp.*|optimizer_\d+|pytorch_model|latest
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``import`` to the ``radiodiff-resume`` sub-commands."""
     cmd = sub.add_parser(
-        "import", help="convert another trainer's saved state: an accelerate save_state folder into a "
-                       "verified checkpoint that `train` resumes from, a RadioDiff model-N.pt into our first "
-                       "stage's weights",
-        usage="radiodiff-resume import SRC --cfg CFG [--out DIR | --out FILE.safetensors [--force]] "
-              "[key=value ...]",
+        "import", help="convert another trainer's saved state: an accelerate save_state folder or a "
+                       "RadioDiff LDM model-N.pt into a verified checkpoint that `train` resumes from, a "
+                       "RadioDiff first stage into our first stage's weights",
+        usage="radiodiff-resume import SRC --cfg CFG [--out DIR [--step-from-name] | --out FILE.safetensors "
+              "[--force]] [key=value ...]",
         description="Convert SRC for the run CFG describes, with a report of where every tensor came from. "
                     "An accelerate save_state folder becomes one verified checkpoint, exact in weights, "
                     "optimizer state, step and EMA (not in random streams or data position). A RadioDiff "
-                    "checkpoint (model-N.pt of train_vae.py or train_cond_ldm.py) gives its first stage, as "
-                    "the weights file model.first_stage.ckpt_path names; its denoiser is not imported.",
+                    "LDM model-N.pt (train_cond_ldm.py), with a config that builds RadioDiff's network, "
+                    "becomes one too, exact in weights, Adam moments, step and EMA; its first stage is "
+                    "written to model.first_stage.ckpt_path when that file is not there yet, and what our "
+                    "checkpoint does not hold is kept beside it for `radiodiff-resume export`. Otherwise a "
+                    "RadioDiff checkpoint (train_vae.py or train_cond_ldm.py) gives its first stage, as the "
+                    "weights file model.first_stage.ckpt_path names.",
     )
     cmd.add_argument("src", metavar="SRC",
                      help="what to import: a folder written by accelerate's Accelerator.save_state "
@@ -75,12 +83,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                           "configs/radio_tiny.yaml; for a save_state folder its first-stage weights must "
                           "exist")
     cmd.add_argument("--out", metavar="OUT",
-                     help="for a save_state folder: the results folder to write <OUT>/checkpoints/step-N "
-                          "into (default: the config's trainer.results_folder), which must hold no "
-                          "checkpoint yet; for a RadioDiff checkpoint: the .safetensors file to write the "
-                          "first stage to (default: the config's model.first_stage.ckpt_path)")
+                     help="for a save_state folder or a RadioDiff LDM run: the results folder to write "
+                          "<OUT>/checkpoints/step-N into (default: the config's trainer.results_folder), "
+                          "which must hold no checkpoint yet; for a RadioDiff first stage (or any RadioDiff "
+                          "file, when OUT ends in .safetensors): the file to write the first stage to "
+                          "(default: the config's model.first_stage.ckpt_path)")
     cmd.add_argument("--force", action="store_true",
-                     help="RadioDiff checkpoint only: replace an existing first-stage file at OUT")
+                     help="RadioDiff first-stage import only: replace an existing first-stage file at OUT")
+    cmd.add_argument("--step-from-name", action="store_true",
+                     help="RadioDiff {'model'}-only file (saved with enable_resume: False, which records no "
+                          "step): continue at step = the milestone in its name (model-<milestone>.pt) x "
+                          "trainer.save_and_sample_every, with empty Adam moments and the EMA restarting "
+                          "from the weights; without it the weights start a fine-tune at step 0, as "
+                          "RadioDiff's finetune.ckpt_path does")
     overrides = cmd.add_argument("overrides", nargs="+", default=[], metavar="key=value",
                                  help="config overrides, as for `train`, e.g. trainer.lr=1e-4")
     # '+' and not required: with '*', argparse would consume the (empty) overrides together with SRC
@@ -138,7 +153,8 @@ class Source:
     what: str
     models: list[Weights]
     """In the order the source prepared them (its optimizer lists their parameters in that order)."""
-    optimizer: dict[str, tp.Any]
+    optimizer: dict[str, tp.Any] | None
+    """None: weights only (RadioDiff's ``{'model'}`` file); AdamW starts with empty moments."""
     optimizer_name: str
     scheduler: dict[str, tp.Any] | None = None
     scheduler_name: str = ""
@@ -146,36 +162,145 @@ class Source:
     ema_config: dict[str, tp.Any] = field(default_factory=dict)
     scaler: dict[str, tp.Any] | None = None
     processes: int = 1
+    step: int | None = None
+    """The source's own training step when it records one (RadioDiff's ``step``; with fp16 it can exceed
+    the optimizer's, which skips overflowing steps), or the step chosen for a weights-only source."""
+    described: list[str] = field(default_factory=list)
+    """Report lines on what the source holds and how it maps, right after the header."""
     notes: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
 
 
-def load_pickled(path: Path, allowed: tp.Sequence[tp.Any] = ()) -> tp.Any:
+SAFE_UNPICKLER_TORCH = "2.10"
+"""The first torch whose weights-only unpickler has no known way to run a file's code: before 2.6 it had
+CVE-2025-32434, before 2.10 CVE-2026-24747."""
+CALLING_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "EXT1", "EXT2", "EXT4"})
+"""The only pickle opcodes that fetch a callable (a global or a ``copyreg`` extension): a pickle without
+them can build nothing but plain containers and numbers."""
+STRING_OPCODES = frozenset({"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING",
+                            "BINSTRING", "STRING"})
+NOT_PUSHING = frozenset({"PROTO", "FRAME", "STOP", "PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"})
+OPCODE_NAMES = {ord(op.code): op.name for op in pickletools.opcodes}
+
+
+def unpickler_refusal(torch_version: str) -> str | None:
+    """Why this torch must not read another trainer's pickles, or None. Only ``import`` reads them, so a
+    cluster that keeps an older torch still trains; it just imports on a machine with a newer one."""
+    from packaging.version import Version
+
+    if Version(torch_version) >= Version(SAFE_UNPICKLER_TORCH):
+        return None
+    return (f"reading it needs torch >= {SAFE_UNPICKLER_TORCH}, this is torch {torch_version}, whose "
+            "weights-only unpickler has known ways to run a file's code (CVE-2025-32434 before 2.6, "
+            "CVE-2026-24747 before 2.10): upgrade torch, or import on a machine that has it")
+
+
+def load_pickled(path: Path, allowed: tp.Sequence[tp.Any] = (), mmap: bool = False) -> tp.Any:
     """``torch.load(weights_only=True)``: only tensors, plain containers and the ``allowed`` rebuilders
     can come out of the file; any other global (``os.system``, a class's ``__reduce__``) is refused before
-    anything is called."""
-    import pickle
+    anything is called. A file torch cannot read this way is described by what a scan of its opcodes
+    shows: code it would call, a plain pickle, or no pickle at all. ``mmap``: tensors are mapped from the
+    file (copy-on-write) instead of read into memory, for multi-GiB files."""
+    import zipfile
 
     import torch
 
-    if not hasattr(torch.serialization, "safe_globals"):
-        raise UserError(f"import: reading {path} safely needs torch >= 2.5 "
-                        "(torch.serialization.safe_globals)")
+    refusal = unpickler_refusal(torch.__version__)
+    if refusal is not None:
+        raise UserError(f"import: {path}: {refusal}")
     try:
         with torch.serialization.safe_globals(list(allowed)), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Detected pickle protocol")  # refused below if it matters
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        name = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        opcode = re.search(r"[Uu]nsupported operand (\d+)", str(exc))
-        why = (f" (it calls {name.group(1)})" if name else
-               f" (pickle opcode {opcode.group(1)})" if opcode else "")
-        raise UserError(f"import: refusing {path}: reading it needs full unpickling, which runs whatever "
-                        f"code the file carries{why}; only plain tensors and containers are read") from None
-    except (RuntimeError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"import: {path} is not a readable torch file (damaged or truncated? "
-                        f"{type(exc).__name__}{': ' + detail if detail else ''})") from None
+            # torch maps only its zip format; anything else is read (and described if refused) as before
+            mapped = mmap and zipfile.is_zipfile(path)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+    except Exception as exc:  # torch's reader raises whatever its opcode handlers hit on a file it cannot
+        # read (IndexError, struct.error, RecursionError, ...): each is about the file, not a bug here
+        raise UserError(unreadable(path, exc, allowed)) from None
+
+
+def unreadable(path: Path, exc: Exception, allowed: tp.Sequence[tp.Any]) -> str:
+    """The one-line reason ``torch.load`` failed on ``path``: code it would run only if it names some."""
+    if isinstance(exc, OSError):
+        return f"import: {path} cannot be read ({exc.strerror or exc})"
+    text = str(exc)
+    named = re.search(r"GLOBAL ([\w.]+)", text)
+    calls = [named.group(1)] if named else unsafe_globals(path, allowed)
+    if calls:
+        more = f" and {len(calls) - 1} more" if len(calls) > 1 else ""
+        return (f"import: refusing {path}: reading it needs full unpickling, which runs whatever code the "
+                f"file carries (it calls {calls[0]}{more}); only plain tensors and containers are read")
+    detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+    why = detail.group(1) if detail else (text.splitlines() or [""])[0].split(". ")[0]
+    opcode = re.fullmatch(r"[Uu]nsupported operand (\d+)", why.strip())
+    if opcode:
+        name = OPCODE_NAMES.get(int(opcode.group(1)), "")
+        why = f"pickle opcode {opcode.group(1)}{f' ({name})' if name else ''}, which it does not read"
+    else:
+        why = f"{type(exc).__name__}{': ' + why if why else ''}"
+    if calls is None:
+        return (f"import: {path} is not a readable torch file (damaged, truncated or not written by "
+                f"torch.save? {why})")
+    return (f"import: {path} holds pickled data that would run no code, but torch's weights-only reader does "
+            f"not take it ({why}); only files written by torch.save (with its default pickle protocol) are "
+            "read")
+
+
+def unsafe_globals(path: Path, allowed: tp.Sequence[tp.Any]) -> list[str] | None:
+    """The globals ``path``'s pickles name that neither torch nor ``allowed`` marks safe, found by reading
+    its opcodes (nothing is executed); None when it holds no pickle at all. A ``torch.save`` archive's
+    pickles are its ``*.pkl`` members; any other file is read as pickles one after another."""
+    import zipfile
+
+    from torch import _weights_only_unpickler  # torch's own allow-list, the one torch.load applies
+
+    safe = set(_weights_only_unpickler._get_allowed_globals())
+    safe |= {f"{obj.__module__}.{obj.__qualname__}" for obj in allowed}
+    found: list[str] = []
+    parsed = 0
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in (n for n in archive.namelist() if n.endswith(".pkl")):
+                    with archive.open(member) as stream:
+                        found += pickle_globals(stream)
+                        parsed += 1
+        else:
+            with open(path, "rb") as stream:
+                while stream.peek(1):
+                    found += pickle_globals(stream)
+                    parsed += 1
+    except (ValueError, EOFError, zipfile.BadZipFile, OSError):
+        pass  # the pickles read so far are what the file holds; the rest is raw data or damage
+    if not parsed:
+        return None
+    return [name for name in dict.fromkeys(found) if name not in safe]
+
+
+def pickle_globals(stream: tp.BinaryIO) -> list[str]:
+    """The globals one pickle names (``module.name``), from its opcodes alone; ``STACK_GLOBAL`` takes the
+    two strings pushed (or fetched from the memo) just before it."""
+    names: list[str] = []
+    memo: dict[int, tp.Any] = {}
+    pushed: list[tp.Any] = [None, None]
+    for op, arg, _ in pickletools.genops(stream):
+        if op.name in ("GLOBAL", "INST"):
+            names.append(str(arg).replace(" ", "."))
+        elif op.name == "STACK_GLOBAL":
+            module, name = pushed[-2:]
+            names.append(f"{module}.{name}" if isinstance(module, str) and isinstance(name, str)
+                         else "a global named at run time")
+        elif op.name in CALLING_OPCODES:
+            names.append(f"copyreg extension {arg}")
+        elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = pushed[-1]
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1]
+        if op.name not in NOT_PUSHING:
+            value = memo.get(arg) if op.name in ("GET", "BINGET", "LONG_BINGET") else (
+                arg if op.name in STRING_OPCODES else None)
+            pushed = [pushed[-1], value]
+    return names
 
 
 def load_tensors(path: Path) -> Tensors:
@@ -216,6 +341,9 @@ def read_json(path: Path) -> dict[str, tp.Any]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"import: {path} cannot be read: {exc}") from None
+    except RecursionError:
+        raise UserError(f"import: {path} is nested too deeply to be a config (JSON nested beyond Python's "
+                        "recursion limit)") from None
     if not isinstance(data, dict):
         raise UserError(f"import: {path} does not hold a JSON object")
     return data
@@ -430,22 +558,23 @@ def mapping_lines(placement: Placement) -> list[str]:
 
 def import_accelerate(src: Path, args: argparse.Namespace) -> list[str]:
     """``--out`` is the results folder of the run that continues the source."""
-    from radiodiff_resume.config import load_config
-
-    if args.force:
-        raise UserError("import: --force is for RadioDiff checkpoints; an accelerate import never writes "
-                        "over a run (pass --out with a new results folder)")
-    overrides = list(args.overrides)
-    if args.out is not None:
-        if any(o.startswith("trainer.results_folder=") for o in overrides):
-            raise UserError("import: give the results folder once: --out DIR or trainer.results_folder=")
-        overrides.append(f"trainer.results_folder={Path(args.out).expanduser().resolve()}")
-    cfg = load_config(args.cfg, overrides)
+    if args.force or args.step_from_name:
+        raise UserError(f"import: {'--force' if args.force else '--step-from-name'} is for RadioDiff "
+                        "checkpoints; an accelerate import never writes over a run (pass --out with a new "
+                        "results folder) and takes its step from optimizer.bin")
+    cfg = load_run_config(args)
     report = import_into_ldm(read_accelerate_folder(src), cfg)
-    resume = ["radiodiff-resume", "train", "--cfg", args.cfg, *overrides]
+    return [*report, f"resume with: {resume_command(args, cfg)}"]
+
+
+def resume_command(args: argparse.Namespace, cfg: Config) -> str:
+    """``train`` with the import's own config and overrides, which resumes from what it wrote."""
+    resume = ["radiodiff-resume", "train", "--cfg", args.cfg, *args.overrides]
+    if args.out is not None:
+        resume.append(f"trainer.results_folder={cfg.results_folder.resolve()}")
     if cfg.checkpoint.resume != "auto":
         resume.append("checkpoint.resume=auto")
-    return [*report, f"resume with: {shlex.join(resume)}"]
+    return shlex.join(resume)
 
 
 def is_torch_file(path: Path) -> bool:
@@ -453,14 +582,48 @@ def is_torch_file(path: Path) -> bool:
 
 
 def import_radiodiff(src: Path, args: argparse.Namespace) -> list[str]:
-    """``--out`` is the first-stage weights file; the reader lives in the RadioDiff compatibility package."""
-    from radiodiff_resume.compat.radiodiff_ckpt import import_radiodiff
+    """A RadioDiff ``model-N.pt``: a whole LDM run when it is one and CFG builds RadioDiff's network
+    (``--out``: the results folder), else its first stage (``--out``: the weights file). The readers live
+    in the RadioDiff compatibility package; the file is read once, mapped rather than copied."""
+    from radiodiff_resume.compat import radiodiff_ckpt, radiodiff_ldm
 
-    return import_radiodiff(src, args)
+    ckpt = load_pickled(src, mmap=True)
+    if (args.out is None or not args.out.endswith(".safetensors")) and radiodiff_ldm.is_ldm_run(ckpt):
+        cfg = load_run_config(args)
+        if radiodiff_ldm.builds_radiodiff_unet(cfg):
+            return radiodiff_ldm.import_run(src, ckpt, cfg, args)
+    if args.step_from_name:
+        raise UserError("import: --step-from-name is for a RadioDiff LDM file imported as a run (a config "
+                        "whose model.unet.target is RadioDiff's network)")
+    return radiodiff_ckpt.import_radiodiff(src, args, ckpt)
 
 
-def import_into_ldm(source: Source, cfg: Config) -> list[str]:
-    """Build the run as ``train`` does, put the source's state into it, commit one verified checkpoint."""
+def load_run_config(args: argparse.Namespace) -> Config:
+    """CFG with the overrides, ``--out`` as ``trainer.results_folder`` (the run the import writes)."""
+    from radiodiff_resume.config import load_config
+
+    overrides = list(args.overrides)
+    if args.out is not None:
+        if any(o.startswith("trainer.results_folder=") for o in overrides):
+            raise UserError("import: give the results folder once: --out DIR or trainer.results_folder=")
+        overrides.append(f"trainer.results_folder={Path(args.out).expanduser().resolve()}")
+    return load_config(args.cfg, overrides)
+
+
+def refuse_existing_run(cfg: Config) -> None:
+    """An import never mixes with a run: its results folder must hold no checkpoint yet."""
+    folder = cfg.results_folder.resolve() / "checkpoints"
+    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if present:
+        raise UserError(f"import: {folder} already holds {', '.join(present[:3])}"
+                        f"{' …' if len(present) > 3 else ''}; an import never mixes with an existing run: "
+                        "pass --out with a new results folder")
+
+
+def import_into_ldm(source: Source, cfg: Config,
+                    before_save: tp.Callable[[LdmImport], None] | None = None) -> list[str]:
+    """Build the run as ``train`` does, put the source's state into it, commit one verified checkpoint
+    (``before_save`` sees the loaded state first and may add to the report and the provenance)."""
     from radiodiff_resume.lock import RunLock
     from radiodiff_resume.run import build_ldm_trainer, make_accelerator
 
@@ -468,12 +631,7 @@ def import_into_ldm(source: Source, cfg: Config) -> list[str]:
     if not first_stage.is_file():
         raise UserError(f"import: model.first_stage.ckpt_path: {first_stage} not found; an import never "
                         "trains a first stage: point it at the trained autoencoder's weights")
-    folder = cfg.results_folder.resolve() / "checkpoints"
-    present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-    if present:
-        raise UserError(f"import: {folder} already holds {', '.join(present[:3])}"
-                        f"{' …' if len(present) > 3 else ''}; an import never mixes with an existing run: "
-                        "pass --out with a new results folder")
+    refuse_existing_run(cfg)
     accelerator = make_accelerator(cfg)
     if accelerator.num_processes > 1:
         raise UserError("import: run it as one process (not under accelerate launch / srun)")
@@ -481,7 +639,7 @@ def import_into_ldm(source: Source, cfg: Config) -> list[str]:
     lock.acquire()
     try:
         trainer = build_ldm_trainer(cfg, accelerator)
-        return LdmImport(source, cfg, trainer, first_stage).run()
+        return LdmImport(source, cfg, trainer, first_stage).run(before_save)
     finally:
         lock.release()
         accelerator.end_training()
@@ -494,10 +652,10 @@ class LdmImport:
                  first_stage: Path) -> None:
         self.source, self.cfg, self.trainer, self.first_stage = source, cfg, trainer, first_stage
         self.ldm = trainer.ldm
-        self.report = [f"import: {source.what} ({source.processes} process(es))"]
+        self.report = [f"import: {source.what} ({source.processes} process(es))", *source.described]
         self.provenance = [f"imported by `radiodiff-resume import` from the {source.what}"]
 
-    def run(self) -> list[str]:
+    def run(self, before_save: tp.Callable[[LdmImport], None] | None = None) -> list[str]:
         from radiodiff_resume.checkpoint.verify import nonfinite_names
 
         t = self.trainer
@@ -509,7 +667,8 @@ class LdmImport:
         mapped = {k for p in placements for k in p.keys.values()}
         self.report_unplaced(mapped)
         self.report.append(f"  scale_factor {self.scale_factor(mapped)}")
-        optimizer, step = self.optimizer_state(placements)
+        optimizer, step = (self.optimizer_state(placements) if self.source.optimizer is not None
+                           else self.no_optimizer_state())
         shared = t.state_dict()
         shared.update(model=self.ldm.state_dict(), optimizer=optimizer,
                       train_state={"step": step, "samples_seen": 0})
@@ -525,7 +684,8 @@ class LdmImport:
         t.load_state_dict(shared)
         self.report += [
             f"learning rate: {t.lr_schedule.get_last_lr()[0]:.6g} at step {step} by this config's schedule "
-            f"(trainer.lr, warm-up, cosine), which `train` rebuilds at the step{self.source_lr()}",
+            f"(trainer.lr_schedule={self.cfg.trainer.lr_schedule}, trainer.lr, warm-up), which `train` "
+            f"rebuilds at the step{self.source_lr()}",
             "data: starts at epoch 0 of this config's data stream (the source's loader position does not "
             "carry over)", *self.source.notes,
             f"not used: {', '.join(self.source.unused) or 'nothing'}",
@@ -535,6 +695,8 @@ class LdmImport:
                                f"{self.cfg.trainer.train_num_steps}: `train` will only write the final "
                                "weights unless you raise it")
         self.provenance.append("not carried over: random streams and data position (new ones from the seed)")
+        if before_save is not None:
+            before_save(self)
         path = t.checkpointer.save(provenance=self.provenance)
         verified = t.checkpointer.verify_and_load(path)
         if not verified.ok:
@@ -649,6 +811,16 @@ class LdmImport:
         self.provenance.append(f"optimizer: {name}, {order}; step {step}")
         return ours, step
 
+    def no_optimizer_state(self) -> tuple[dict[str, tp.Any], int]:
+        """A weights-only source: our AdamW with empty moments, at the step the source was given."""
+        step = tp.cast(int, self.source.step)
+        ours = self.trainer.optimizer.state_dict()
+        ours["state"] = {}
+        self.report.append(f"optimizer: none in the source ({self.source.optimizer_name}); AdamW starts with "
+                           "empty moments (its bias correction starts again)")
+        self.provenance.append(f"optimizer: none in the source, empty moments; step {step}")
+        return ours, step
+
     def fitting_params(self, flat: list[int], state: dict[int, tp.Any],
                        placements: list[Placement]) -> tuple[list[nn.Parameter], str]:
         """Our parameters in the order the source's optimizer lists them: that of its weights files (each
@@ -690,8 +862,9 @@ class LdmImport:
         return lines
 
     def step(self, state: dict[int, tp.Any], name: str) -> int:
-        """The optimizer's per-parameter step (the count its Adam bias correction uses), checked against
-        the LR scheduler's ``last_epoch`` (accelerate steps a prepared scheduler once per process)."""
+        """The source's own step when it records one, else the optimizer's per-parameter step (the count
+        its Adam bias correction uses); checked against the LR scheduler's ``last_epoch`` (accelerate
+        steps a prepared scheduler once per process)."""
         steps = sorted({int(float(s["step"])) for s in state.values()})
         if not steps or steps[-1] == 0:
             raise UserError(f"import: {name} holds no optimizer step: nothing was trained yet, start a "
@@ -702,6 +875,14 @@ class LdmImport:
             how += f" (the largest; some parameters were stepped {', '.join(map(str, steps[:-1]))} times)"
         sched = self.source.scheduler
         last = sched.get("last_epoch") if isinstance(sched, dict) else None
+        if self.source.step is not None:
+            own = self.source.step
+            agrees = own == step and last == own
+            how = (f"the file's step, = {how} = {self.source.scheduler_name} last_epoch" if agrees else
+                   f"the file's step; {how}, {self.source.scheduler_name} last_epoch {last} (Adam keeps its "
+                   "own count for its bias correction)")
+            self.report.append(f"step: {own} ({how})")
+            return own
         if not isinstance(last, int):
             how += f"; {self.source.scheduler_name or 'scheduler.bin'} absent or without last_epoch"
         elif last == step:
@@ -754,7 +935,7 @@ class LdmImport:
                 line += f"; {len(fresh)} of ours ({', '.join(sorted(groups(fresh)))}) from the online weights"
             skipped = sorted(set(tensors) - set(used))
             if skipped:
-                line += (f"; {len(skipped)} non-parameter tensors not used "
+                line += (f"; {len(skipped)} tensors outside our EMA (buffers, frozen parameters) not used "
                          f"({', '.join(sorted(groups(skipped)))})")
             self.report.append(line)
             self.provenance.append(f"EMA: {weights.name}")

@@ -6,7 +6,9 @@ ledgers — so it works on a live run, a finished one or a copy, and changes not
 
 Steps go back when a run resumes from a checkpoint older than where it was (a preemption between
 saves, a quarantined newest checkpoint) or rolls back; what was logged for those steps before is
-drawn as discarded, and the wall time and steps redone are counted as lost.
+drawn as discarded, and the wall time and steps redone are counted as lost. The time between a
+process that finished (reached ``train_num_steps``) and the next one, a run extended later, is idle,
+not lost.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radiodiff_resume.errors import UserError
+from radiodiff_resume.io import MAX_LOG_BYTES, read_regular
 
 Record = dict[str, tp.Any]
 
@@ -35,7 +38,8 @@ STAGE_ORDER = ("first_stage", "ldm")
 STEPS_KEY = {"first_stage": ("model", "first_stage", "trainer"), "ldm": ("trainer",)}
 """Where each stage's loop settings sit in ``config.yaml``."""
 VAL_BOOKKEEPING = ("val/evaluated", "val/total", "val/valid")
-DONE_AT_STEP = frozenset({"checkpoint_saved", "stopped", "halted", "save_refused", "bn_repaired", "resumed"})
+DONE_AT_STEP = frozenset({"checkpoint_saved", "stopped", "halted", "save_refused", "bn_repaired", "resumed",
+                          "finished"})
 """Events whose ``step`` is a step the run stood at (``fresh_start``: step 0)."""
 ATTEMPTING_STEP = frozenset({"step_skipped", "batch_skipped", "grads_scrubbed", "grad_clipped"})
 """Events whose ``step`` is the optimizer step being attempted, one past the last completed."""
@@ -59,10 +63,10 @@ class Lines:
 def read_jsonl(path: Path) -> Lines:
     """The JSON objects of ``path``, one a line; a bad line is skipped and counted, never fatal.
     ``NaN``/``Infinity`` tokens are read as None, so a non-finite value never passes for a number."""
-    if not path.is_file():
+    if not (path.is_symlink() or path.exists()):
         return Lines([], 0)
     try:
-        data = path.read_bytes()
+        data = read_regular(path, MAX_LOG_BYTES)
     except OSError as exc:
         raise UserError(f"cannot read {path}: {exc.strerror}") from None
     records, bad = [], 0
@@ -71,7 +75,7 @@ def read_jsonl(path: Path) -> Lines:
             continue
         try:
             value = json.loads(raw, parse_constant=lambda _: None)
-        except ValueError:
+        except (ValueError, RecursionError):
             bad += 1
             continue
         if isinstance(value, dict) and finite_number(value.get("time")) is not None:
@@ -148,16 +152,16 @@ def _read_config(path: Path) -> dict[str, tp.Any]:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        data = yaml.safe_load(read_regular(path))
+    except (OSError, yaml.YAMLError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def _read_json(path: Path) -> tp.Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(read_regular(path))
+    except (OSError, ValueError, RecursionError):
         return None
 
 
@@ -240,24 +244,40 @@ def restarts(stage: Stage, points: list[Point], target: int | None) -> list[dict
             continue  # the stage's first process
         to_step = (step_of(e) or 0) if kind == "resumed" else 0
         last = before[-1]
+        cause, finished = _previous_end(events[:i], last, target, stage.name)
+        gap = round(e["time"] - last.time, 3)
         found.append({
             "time": e["time"], "to_step": to_step, "from_step": last.step, "fresh": kind == "fresh_start",
-            "cause": _previous_end(events[:i], last, target), "steps_redone": max(0, last.step - to_step),
-            "down_s": round(e["time"] - last.time, 3), "redone_s": _redone_s(before, to_step, last.time),
+            "cause": cause, "steps_redone": max(0, last.step - to_step),
+            "down_s": 0.0 if finished else gap, "idle_s": gap if finished else 0.0,
+            "redone_s": _redone_s(before, to_step, last.time),
         })
     return found
 
 
-def _previous_end(earlier: list[Record], last: Point, target: int | None) -> str:
-    """How the previous process ended, as far as the files say."""
-    ends = [e for e in earlier if e.get("event") in ("stopped", "halted") and e["time"] >= last.time]
+def _previous_end(earlier: list[Record], last: Point, target: int | None, stage: str) -> tuple[str, bool]:
+    """How the previous process ended, as far as the files say, and whether it had finished (then the
+    time until the next process is idle, not lost)."""
+    ends = [e for e in earlier
+            if e.get("event") in ("stopped", "halted", "finished") and e["time"] >= last.time]
     if ends and ends[-1]["event"] == "stopped":
-        return f"stopped: {ends[-1].get('reason', '?')}"
+        return f"stopped: {ends[-1].get('reason', '?')}", False
+    if ends and ends[-1]["event"] == "finished":
+        of = step_of(ends[-1], "train_num_steps")
+        return f"had finished at step {last.step}" + (f" of {of}" if of is not None else ""), True
     if ends:
-        return "halted"
+        return "halted", False
+    # Runs older than the ``finished`` event: the resume's config diff shows the old step target.
+    key = ".".join((*STEPS_KEY.get(stage, ("-",)), "train_num_steps"))
+    for e in earlier:
+        changes = e.get("changes") if e.get("event") == "config_changed" and e["time"] >= last.time else None
+        for change in changes if isinstance(changes, list) else []:
+            was = step_of(change, "was") if isinstance(change, dict) and change.get("key") == key else None
+            if was is not None and last.step >= was:
+                return f"had finished: train_num_steps was {was}, now {change.get('now')}", True
     if target is not None and last.step >= target:
-        return "had finished"
-    return "no stop recorded: killed or crashed"
+        return "had finished", True
+    return "no stop recorded: killed or crashed", False
 
 
 def _before(points: list[Point], time: float) -> list[Point]:
@@ -338,6 +358,7 @@ def stage_summary(stage: Stage, config: dict[str, tp.Any]) -> dict[str, tp.Any]:
     val, _ = timeline(stage.val)
     last = train[-1] if train else {}
     down = round(sum(r["down_s"] for r in back), 3)
+    idle = round(sum(r["idle_s"] for r in back), 3)
     redone_s = round(sum(r["redone_s"] for r in back + rolled), 3)
     skipped_batches = sum(int(finite_number(e.get("micro_batches")) or 0)
                           for e in stage.events if e.get("event") == "batch_skipped")
@@ -349,6 +370,7 @@ def stage_summary(stage: Stage, config: dict[str, tp.Any]) -> dict[str, tp.Any]:
         "steps_redone": redone,
         "wall_s": round(max(times) - min(times), 3) if times else 0.0,
         "time_lost_s": {"down": down, "redone": redone_s, "total": round(down + redone_s, 3)},
+        "time_idle_s": idle,
         "counts": {
             "saves": kinds["checkpoint_saved"],
             "resumes": sum(not r["fresh"] for r in back),
@@ -388,6 +410,7 @@ def summarize(run: Run) -> dict[str, tp.Any]:
         "run_dir": str(run.folder),
         "stages": stages,
         "time_lost_s": round(sum(s["time_lost_s"]["total"] for s in stages.values()), 3),
+        "time_idle_s": round(sum(s["time_idle_s"] for s in stages.values()), 3),
         "unreadable_lines": run.unreadable,
         "slurm_requeues": run.requeues,
         "crash_loop_counts": run.crash_loops,
@@ -434,11 +457,15 @@ def stage_lines(name: str, s: dict[str, tp.Any]) -> list[str]:
                      f"processes, {duration(lost['redone'])} of work redone ({s['steps_redone']} steps)")
     else:
         lines.append("  time lost: none recorded")
+    if s["time_idle_s"]:
+        lines.append(f"  idle {duration(s['time_idle_s'])}: finished, then extended or rerun (not lost)")
     incidents = sorted(
         [(r["time"], f"restart after step {r['from_step']} ({r['cause']}), "
                      + ("started afresh" if r["fresh"] else f"resumed at step {r['to_step']}")
-                     + f": {duration(r['down_s'])} down, {r['steps_redone']} steps redone "
-                       f"({duration(r['redone_s'])})") for r in s["restarts"]]
+                     + (f": {duration(r['idle_s'])} idle" if r["idle_s"]
+                        else f": {duration(r['down_s'])} down")
+                     + f", {r['steps_redone']} steps redone ({duration(r['redone_s'])})")
+          for r in s["restarts"]]
         + [(r["time"], f"rollback at step {r['step']} to step {r['to_step']} ({r['reason']}): "
                        f"{r['steps_redone']} steps redone ({duration(r['redone_s'])})")
            for r in s["rollbacks"]]
@@ -480,7 +507,9 @@ def wrap(lines: list[str], width: int) -> list[str]:
 def format_text(summary: dict[str, tp.Any]) -> str:
     stages = summary["stages"]
     lines = [f"run {summary['run_dir']}: stages {', '.join(stages)}; "
-             f"time lost {duration(summary['time_lost_s'])}"]
+             f"time lost {duration(summary['time_lost_s'])}"
+             + (f", idle {duration(summary['time_idle_s'])} (finished, then extended)"
+                if summary["time_idle_s"] else "")]
     for name, s in stages.items():
         lines += wrap(stage_lines(name, s), TEXT_WIDTH)
     if summary["slurm_requeues"]:

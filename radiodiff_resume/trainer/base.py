@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from radiodiff_resume.checkpoint.checkpointer import Checkpointer
-from radiodiff_resume.checkpoint.manifest import Manifest
+from radiodiff_resume.checkpoint.manifest import Manifest, parse_step
 from radiodiff_resume.config import CheckpointConfig, Config, GuardConfig, LoopConfig, to_dict, to_yaml
 from radiodiff_resume.data.stream import BatchStream
 from radiodiff_resume.dist import Ranks
@@ -210,6 +210,8 @@ class Trainer:
         self.checkpointer.ended_cleanly()
         self.sync_buffers()
         self.on_fit_end()
+        if self.state.step >= total:  # the report tells a finished run extended later from a crash
+            self.events.emit("finished", stage=self.stage, step=self.state.step, train_num_steps=total)
         self.log.plot(self.results_folder / "curves.png")
 
     def restore(self, mode: str | None = None) -> Path | None:
@@ -321,23 +323,20 @@ class Trainer:
 
     def roll_back(self, why: str) -> None:
         """Reload the newest verified checkpoint (nothing is quarantined for this) and go on past
-        the data that led here; after ``max_rollbacks`` without a new checkpoint, stop."""
+        the data that led here. A checkpoint rolled back to that leads straight back here (nothing
+        committed since) is not good: the next rollback goes to an older one. After ``max_rollbacks``
+        without a new checkpoint, or with none older left, stop, naming the checkpoint still believed
+        good (or saying that none is)."""
         guard, step = self.guard, self.state.step
-        newest = self.checkpointer.newest()
-        if newest is None or not guard.may_roll_back():
-            last = f"the last good checkpoint is {newest}" if newest else "no checkpoint was committed yet"
-            self.events.emit("halted", stage=self.stage, step=step, reason=why,
-                             last_good=str(newest) if newest else None)
-            raise GuardHalt(
-                f"{self.stage} step {step}: {why}, and "
-                + (f"{guard.rollbacks_since_save} rollback(s) since the last checkpoint did not help"
-                   if newest else "there is nothing to roll back to")
-                + f"; {last}. Look at {self.events.path} for what was skipped; lower trainer.lr, try "
-                "trainer.mixed_precision=bf16 or check the data, then run the same command to resume.")
+        led_back = list(guard.rolled_back_to)
+        older_than = parse_step(led_back[-1].name) if led_back else None
+        good = self.checkpointer.newest(older_than)
+        if good is None or not guard.may_roll_back():
+            self.halt(why, good, led_back)
         data, rank_state, carried = self.train_stream.state_dict(), self.rank_state_dict(), guard.carried()
         consumed = self.state.samples_seen
-        path = self.checkpointer.resume(mode="auto", rollback=True)
-        guard.rolled_back(carried)
+        path = tp.cast(Path, self.checkpointer.resume(mode="auto", rollback=True, older_than=older_than))
+        guard.rolled_back(carried, path)
         skip = guard.cfg.rollback.skip_batches
         if skip is None:
             self.train_stream.load_state_dict(data)
@@ -351,9 +350,28 @@ class Trainer:
         self.events.emit("rolled_back", stage=self.stage, step=step, to_step=self.state.step, path=str(path),
                          reason=why, lr_scale=guard.lr_scale, skipped_batches="all since" if skip is None
                          else skip)
-        logger.warning("%s step %d: %s: rolled back to %s (step %d), %s, LR x%g", self.stage, step, why,
-                       path, self.state.step, "continuing with the data that comes next" if skip is None
+        logger.warning("%s step %d: %s: rolled back to %s (step %d%s), %s, LR x%g", self.stage, step, why,
+                       path, self.state.step, f"; {led_back[-1].name} led straight back here" if led_back
+                       else "", "continuing with the data that comes next" if skip is None
                        else f"skipping {skip} batch(es) past it", guard.lr_scale)
+
+    def halt(self, why: str, good: Path | None, led_back: list[Path]) -> tp.NoReturn:
+        """Stop the run for good (exit 4): why, which checkpoints rolled back to led straight back
+        here, and the newest one not proven bad (``good``), if any."""
+        if good is None and not led_back:
+            cause, last = "there is nothing to roll back to", "no checkpoint was committed yet"
+        else:
+            cause = f"{self.guard.rollbacks_since_save} rollback(s) since the last checkpoint did not help"
+            if led_back:
+                cause += f" (rolling back to {', '.join(p.name for p in led_back)} led straight back to this)"
+            last = (f"the last good checkpoint is {good}" if good is not None
+                    else f"no checkpoint is believed good (none is older than {led_back[-1].name})")
+        self.events.emit("halted", stage=self.stage, step=self.state.step, reason=why,
+                         last_good=None if good is None else str(good), led_back=[str(p) for p in led_back])
+        raise GuardHalt(
+            f"{self.stage} step {self.state.step}: {why}, and {cause}; {last}. Look at {self.events.path} "
+            "for what was skipped; lower trainer.lr, try trainer.mixed_precision=bf16 or check the data, "
+            "then run the same command to resume.")
 
     # ----- stopping ----------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:

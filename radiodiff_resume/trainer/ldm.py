@@ -37,10 +37,10 @@ class LatentDiffusionTrainer(Trainer):
         return tp.cast(ConditionalLDM, model).trainable_modules()
 
     def on_fit_start(self) -> None:
-        """On a fresh run that measures it (``scale_by_std`` without ``default_scale``), set
-        ``scale_factor`` once, from all ranks.
+        """On a fresh run: load the denoiser's pretrained part, if it has one, and, when it is measured
+        (``scale_by_std`` without ``default_scale``), set ``scale_factor`` once, from all ranks.
 
-        A restored run (step > 0) keeps the value it was trained with.
+        A restored run (step > 0) keeps the weights and the value it was trained with.
         """
         if self.state.step > 0:
             logger.info(
@@ -48,11 +48,24 @@ class LatentDiffusionTrainer(Trainer):
                 "resume; it is never recomputed)", float(self.ldm.scale_factor),
             )
             return
+        self.initialise_denoiser()
         if not self.measure_scale:
             logger.info("ldm: scale_factor %.6g from model.scale_factor%s", float(self.ldm.scale_factor),
                         "" if float(self.ldm.scale_factor) != 1.0 else " (latents unscaled)")
             return
         self.measure_scale_factor()
+
+    def initialise_denoiser(self) -> None:
+        """A fresh run's pretrained start (RadioDiff's ImageNet Swin, ``cond_weights``), on every rank from
+        the same file; the EMA starts from the loaded weights too."""
+        initialise = getattr(self.ldm.unet, "initialise", None)
+        if initialise is None:
+            return
+        initialise()
+        if self.ema is not None:
+            with torch.no_grad():
+                for shadow, param in zip(self.ema.shadow_params, self.params, strict=True):
+                    shadow.copy_(param.detach())
 
     def measure_scale_factor(self) -> float:
         """Set ``scale_factor`` to 1/std of the latents of every rank's next training batch (the first

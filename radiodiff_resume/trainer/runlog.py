@@ -19,6 +19,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
+from radiodiff_resume.io import MAX_LOG_BYTES, append_line, json_objects, read_regular  # noqa: E402
+
 
 class RunLog:
     """Writes metrics from the main process; other ranks hold a no-op instance."""
@@ -45,8 +47,7 @@ class RunLog:
         if invalid:
             record["invalid"] = invalid
         if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(self.path, json.dumps(record) + "\n")
         numeric = {
             f"{self.name}/{k}": v for k, v in clean.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool)
@@ -55,10 +56,12 @@ class RunLog:
             self.accelerator.log(numeric, step=step)
 
     def records(self) -> list[dict[str, tp.Any]]:
-        if not self.path.exists():
+        """This stage's records; a line that is not a JSON object (a torn last line) is skipped."""
+        try:
+            data = read_regular(self.path, MAX_LOG_BYTES)
+        except FileNotFoundError:
             return []
-        with self.path.open() as f:
-            return [r for r in map(json.loads, f) if r.get("stage") == self.name]
+        return [r for r in json_objects(data) if r.get("stage") == self.name]
 
     def plot(self, path: Path) -> None:
         """Training loss and validation metrics against step, as a PNG."""

@@ -11,6 +11,7 @@ import pytest
 
 from radiodiff_resume.checkpoint import store as store_module
 from radiodiff_resume.config import Config
+from radiodiff_resume.errors import UserError
 from tests.checkpoint.helpers import FAST, STEP2, STEP4, build, committed, events, hashes, read_manifest
 from tests.conftest import write_random_first_stage
 
@@ -98,3 +99,17 @@ def test_a_checkpoint_is_retired_out_of_the_namespace_before_it_is_deleted(
     assert removed["folders"] == [f".retired-{STEP2}"]
     assert not (ckdir / f".retired-{STEP2}").exists()
     assert events(run, "checkpoint_quarantined") == []
+
+
+def test_naming_the_checkpoints_folder_itself_says_so_and_names_the_newest(
+    run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    """``checkpoint.resume=<checkpoints/>`` is a slip, not damage: one line that names a checkpoint
+    inside; nothing is moved."""
+    ckdir = run / "checkpoints"
+    before = committed(run)
+    trainer = build(run_cfg(f"checkpoint.resume={ckdir}"))
+    with pytest.raises(UserError, match=rf"is a folder of checkpoints, not one checkpoint: name one of them "
+                                        rf"\(the newest there is {ckdir / STEP4}\)"):
+        trainer.checkpointer.resume()
+    assert committed(run) == before

@@ -193,3 +193,65 @@ def test_stop_request_saves_the_current_step_and_raises(
     assert again.checkpointer.resume() == cfg.results_folder / "checkpoints" / "step-00000001"
     assert again.state.step == 1
     assert again.checkpointer.verified is not None and again.checkpointer.verified.ok
+
+
+def link_out(run: Path, name: str, outside: Path) -> Path:
+    """Move checkpoint ``name`` to ``outside`` and leave a symbolic link to it in its place."""
+    folder = run / "checkpoints" / name
+    copy = outside / name
+    outside.mkdir(exist_ok=True)
+    os.replace(folder, copy)
+    folder.symlink_to(copy, target_is_directory=True)
+    return copy
+
+
+def test_a_symlinked_checkpoint_is_skipped_never_retired_and_every_later_start_works(
+    run: Path, run_cfg: tp.Callable[..., Config], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    link = run / "checkpoints" / STEP2
+    copy = link_out(run, STEP2, tmp_path / "elsewhere")
+    before = hashes(copy)
+    trainer = build(run_cfg("checkpoint.keep_last=2"))
+    assert trainer.checkpointer.resume() == run / "checkpoints" / STEP4
+    for step in (5, 6):  # retention beyond keep_last=2 runs twice
+        trainer.state.step = step
+        trainer.checkpointer.save()
+    committed_now = [p.name for p in trainer.checkpointer.store.committed()]
+    assert committed_now == ["step-00000006", "step-00000005", STEP4]  # STEP4: resumed from, so protected
+    assert link.is_symlink() and os.readlink(link) == str(copy)
+    assert hashes(copy) == before
+
+    later = build(run_cfg("checkpoint.keep_last=2"))  # the next start (a SLURM requeue)
+    assert later.checkpointer.resume() == run / "checkpoints" / "step-00000006"
+    assert link.is_symlink() and hashes(copy) == before
+    assert f"{link} is a symbolic link to {copy}, not a checkpoint folder of this run, so it is skipped" \
+        in caplog.text
+
+
+def test_a_leftover_name_that_is_a_link_is_skipped_not_deleted(
+    run: Path, run_cfg: tp.Callable[..., Config], tmp_path: Path
+) -> None:
+    """What retention left behind before links were skipped: a ``.retired-`` link rmtree refuses."""
+    copy = link_out(run, STEP2, tmp_path / "elsewhere")
+    retired = run / "checkpoints" / f".retired-{STEP2}"
+    os.replace(run / "checkpoints" / STEP2, retired)
+    before = hashes(copy)
+    trainer = build(run_cfg())
+    assert trainer.checkpointer.resume() == run / "checkpoints" / STEP4
+    assert retired.is_symlink() and hashes(copy) == before
+
+
+def test_a_save_whose_name_holds_a_link_moves_the_link_aside_unfollowed(
+    run: Path, run_cfg: tp.Callable[..., Config], tmp_path: Path
+) -> None:
+    copy = link_out(run, STEP4, tmp_path / "elsewhere")
+    before = hashes(copy)
+    trainer = build(run_cfg())
+    assert trainer.checkpointer.resume() == run / "checkpoints" / STEP2
+    trainer.state.step = 4
+    saved = trainer.checkpointer.save()
+    assert saved.is_dir() and not saved.is_symlink() and (saved / "manifest.json").is_file()
+    [aside] = (run / "checkpoints").glob(f"foreign-*/{STEP4}")
+    assert aside.is_symlink() and os.readlink(aside) == str(copy)
+    assert "not a checkpoint folder of this run" in (aside.parent / "SET_ASIDE.txt").read_text()
+    assert hashes(copy) == before

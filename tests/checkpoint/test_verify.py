@@ -96,6 +96,15 @@ def inf_into_optimizer(ckpt: Path) -> None:
     rewrite_tensors(ckpt, "optimizer", poison)
 
 
+def negative_second_moment(ckpt: Path) -> None:
+    """A finite state Adam cannot reach: the square root of a negative ``exp_avg_sq`` is NaN, so the first
+    step from it would poison the weights."""
+    def poison(t: dict[str, torch.Tensor]) -> None:
+        t["state/5/exp_avg_sq"].view(-1)[0] = -1e-6
+
+    rewrite_tensors(ckpt, "optimizer", poison)
+
+
 def nudge_weight(ckpt: Path) -> None:
     def nudge(t: dict[str, torch.Tensor]) -> None:
         t["unet.conv_in.weight"].view(-1)[0] += 1e-3
@@ -129,6 +138,9 @@ CORRUPTIONS: dict[str, tuple[tp.Callable[[Path], None], str, str]] = {
                      rf"non-finite values in 1 tensor\(s\) or number\(s\): model\.{NAN_TENSOR}$"),
     "inf-in-optimizer": (inf_into_optimizer, "finite",
                          r"1 tensor\(s\) or number\(s\): optimizer\.state\.5\.exp_avg_sq$"),
+    "negative-second-moment": (negative_second_moment, "finite",
+                               r"^negative second moments in 1 tensor\(s\): optimizer\.state\.5\.exp_avg_sq"
+                               r" \(their square root is NaN"),
     "scale-factor-in-manifest": (change_scale_factor, "scale_factor", r"weights hold .*, manifest recorded"),
     "nudged-weight": (nudge_weight, "probe", r"do not compute what was saved"),
 }
@@ -211,3 +223,16 @@ def test_checkpoint_of_another_architecture_fails_keys_with_a_readable_diff(
     assert "shape" in back.levels["keys"].detail
     assert wide.state.step == 1
 
+
+
+def test_a_negative_running_variance_is_repaired_not_damage(run: Path,
+                                                            run_cfg: tp.Callable[..., Config]) -> None:
+    """Like a non-finite one: derived from data, so it is recomputed after loading; comparing the probe on it
+    would compute NaN and refuse a checkpoint whose learnt state is sound."""
+    ckpt = run / "checkpoints" / STEP4
+    stat = "cond_encoder.net.1.running_var"
+    rewrite_tensors(ckpt, "model", lambda t: t[stat].view(-1).__setitem__(0, -0.5))
+    report = build(run_cfg()).checkpointer.verify_and_load(ckpt)
+    assert report.ok, report.describe()
+    assert report.repairable == [f"model.{stat}"]
+    assert report.levels["probe"].detail.startswith("not compared"), report.describe()

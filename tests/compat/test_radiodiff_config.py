@@ -27,8 +27,11 @@ from tests.conftest import REPO
 FIXTURES = Path(__file__).parent / "fixtures"
 LDM, FIRST_STAGE, DPMCAR = (FIXTURES / f"radiodiff_{n}.yaml" for n in ("ldm", "first_stage", "dpmcar"))
 ROOT = "data.root=/data/RadioMapSeer"
-SMALL_FIRST_STAGE = ["data.image_size=32", "model.first_stage.params.block_out_channels=[32,32,32]"]
-"""Overrides (of our keys) that shrink the translated model so it builds in a second on a CPU."""
+SMALL = ["data.image_size=64", "model.first_stage.params.block_out_channels=[32,32,32]",
+         "model.unet.params.dim=16", "model.unet.params.input_size=[32,32]",
+         "model.unet.params.cond_weights=none"]
+"""Overrides (of our keys) that shrink the translated model: 64-pixel maps, 16x16 latents (the U-Net's
+bottleneck FFT sized for them), a narrow U-Net; the Swin-B condition encoder keeps its size."""
 
 
 def raw_of(path: Path) -> dict[str, tp.Any]:
@@ -118,20 +121,33 @@ def test_first_stage_config_sets_our_first_stage() -> None:
     assert "unet" not in out["model"]
 
 
-def test_variant_is_unsupported_with_a_clear_line() -> None:
-    line = by_key(rc.translate(raw_of(DPMCAR))[1])
-    assert line["data.name"].status == rc.UNSUPPORTED
-    assert "DPMCAR is DPM maps simulated with cars" in line["data.name"].note
-    assert "data.train / data.validation" in line["data.name"].note
+def test_cars_variant_maps_to_the_cars_data() -> None:
+    out, lines = rc.translate(raw_of(DPMCAR))
+    line = by_key(lines)
+    assert line["data.name"].status == rc.MAPPED
+    assert (out["data"]["cars"], out["data"]["split"]) == (True, "radiodiff_600")
     assert line["finetune.ckpt_path"].status == rc.UNSUPPORTED
-    assert line["model.unet.DPMCARK"].status == rc.IGNORED  # false: the fork's switch is off
+    assert line["model.unet.DPMCARK"].status == rc.MAPPED  # false: the fork's switch is off
     raw = raw_of(DPMCAR)
-    raw["model"]["unet"]["DPMCARK"] = True
     raw["trainer"]["my_fork_flag"] = 3
     line = by_key(rc.translate(raw)[1])
-    assert line["model.unet.DPMCARK"].status == rc.UNSUPPORTED
     assert line["trainer.my_fork_flag"].status == rc.UNSUPPORTED
     assert "unknown to this translation" in line["trainer.my_fork_flag"].note
+
+
+@pytest.mark.parametrize("change, message", [
+    (("data", "name", "IRT4"), r"data\.name: IRT4 is sparse IRT4 ray-tracing maps, which is not built here"),
+    (("model.unet", "DPMCARK", True), r"model\.unet\.DPMCARK: true feeds the K2 input channels"),
+    (("model.unet", "cond_net", "resnet"), r"model\.unet\.cond_net: 'resnet' is not built here"),
+    (("model", "model_name", "ncsnpp9"), r"model\.model_name: 'ncsnpp9' is not built here"),
+])
+def test_what_is_not_built_here_is_refused_not_substituted(change: tuple[str, str, tp.Any],
+                                                           message: str) -> None:
+    raw = raw_of(DPMCAR)
+    section, key, value = change
+    nested(raw, section)[key] = value
+    with pytest.raises(ConfigError, match=message):
+        rc.translate(raw)
 
 
 def test_fp16_autocast_without_scaler_becomes_bf16() -> None:
@@ -166,7 +182,9 @@ def test_load_config_translates_logs_and_applies_overrides_to_our_keys(
     warned = [m for level, m in messages if level == logging.WARNING]
     differs = "[mapped, MEANING DIFFERS] model.first_stage.lossconfig.kl_weight"
     assert any(m.startswith(differs) for m in warned)
-    assert any(m.startswith("[unsupported] model.model_name: cond_unet") for m in warned)
+    assert cfg.model.unet.target == rc.RADIODIFF_UNET and cfg.model.unet.params["cond_weights"] == "imagenet"
+    assert cfg.model.unet.params["input_size"] == [80, 80] and cfg.model.unet.params["fix_bb"] is False
+    assert not cfg.model.first_stage.train_if_missing, "RadioDiff's first stage is imported, never replaced"
     assert not any(m.startswith("[mapped] ") for m in warned)
     with pytest.raises(ConfigError, match="model.unet.dim: unknown key"):
         load_config(LDM, [ROOT, "model.unet.dim=64"])  # overrides name our keys, not RadioDiff's
@@ -174,20 +192,21 @@ def test_load_config_translates_logs_and_applies_overrides_to_our_keys(
         load_config(LDM)  # RadioDiff hard-codes its dataset folder: ours must be given
 
 
-def test_translated_ldm_builds() -> None:
-    cfg = load_config(LDM, [ROOT, *SMALL_FIRST_STAGE, "model.unet.params.block_out_channels=[16,16,16,16]"])
+def test_translated_ldm_builds_radiodiffs_network() -> None:
+    cfg = load_config(LDM, [ROOT, *SMALL])
     torch.manual_seed(0)
     ldm = build_ldm(cfg, build_first_stage(cfg))
-    assert ldm.latent_shape == (3, 8, 8)
+    assert ldm.latent_shape == (3, 16, 16)
     assert ldm.const_sde is not None and ldm.const_sde.eps == 1e-4
+    assert type(ldm.unet).__name__ == "RadioDiffUNet" and ldm.takes_condition
 
 
 def test_translated_ldm_trains_with_radiodiffs_objective(tmp_path: Path, synth_cache: Path) -> None:
     """RadioDiff's LDM yaml, shrunk by overrides of our keys and pointed at the synthetic maps, trains
-    its first stage, then the const-SDE LDM, to the end."""
+    its first stage (asked for: a RadioDiff yaml never trains a substitute by itself), then RadioDiff's
+    network with the const-SDE objective, to the end."""
     cfg = load_config(LDM, [
-        *SMALL_FIRST_STAGE, "model.unet.params.block_out_channels=[16,16,16,16]",
-        "model.unet.params.norm_num_groups=8", "data.root=null", "data.split=maps",
+        *SMALL, "model.first_stage.train_if_missing=true", "data.root=null", "data.split=maps",
         f"data.synthetic.cache_dir={synth_cache}", "data.synthetic.num_maps=6", "data.synthetic.tx_per_map=2",
         "data.synthetic.size=64", "data.batch_size=4", f"trainer.results_folder={tmp_path / 'run'}",
         "model.first_stage.trainer.train_num_steps=2", "model.first_stage.trainer.val_batches=0",
@@ -276,3 +295,15 @@ def test_lines_are_immutable_records() -> None:
     assert line.targets == (("model.first_stage.params.block_out_channels", [128, 256, 512]),)
     assert line.text().startswith("[mapped] model.first_stage.ddconfig.ch_mult: [1, 2, 4] → "
                                   "model.first_stage.params.block_out_channels: [128, 256, 512]")
+
+
+def test_shipped_radiodiff_config_is_radio_train_yamls_model() -> None:
+    """configs/radiodiff.yaml, the config a GPU user starts from, builds exactly the model that
+    RadioDiff's radio_train.yaml translates to: the same network and params, objective and scale."""
+    ours = load_config(REPO / "configs" / "radiodiff.yaml", [ROOT])
+    theirs = load_config(LDM, [ROOT])
+    for part in ("unet", "objective", "eps", "loss_type", "weighting_loss", "use_l1", "scale_by_std",
+                 "default_scale", "scale_factor"):
+        assert getattr(ours.model, part) == getattr(theirs.model, part), part
+    assert ours.model.first_stage.params == theirs.model.first_stage.params
+    assert not ours.model.first_stage.train_if_missing

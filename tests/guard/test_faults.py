@@ -389,6 +389,27 @@ def test_loss_spike_skips_the_step_and_stays_out_of_the_window(
     assert_loss_near(run, clean)
 
 
+def test_faithful_profile_takes_the_spike_as_radiodiff_would_and_still_skips_inf(
+        root: Path, tmp_path: Path) -> None:
+    """``guard.profile: faithful``: the spike that the protective profile skips is a step here, clipped
+    only to ``trainer.max_grad_norm``; an Inf loss, which would put NaN into the weights, is still
+    skipped."""
+    cfg = faulty_cfg(tmp_path / "run", root, "guard.profile=faithful", "guard.loss.warmup=3",
+                     unet={"spike_at": [5], "inf_loss_at": [3]})
+    assert (cfg.guard.clip.mode, cfg.guard.loss.spike_zscore) == ("fixed", None)
+    run = train(cfg)
+    assert fields(run.events("step_skipped"), "step", "reason") == [{"step": 3, "reason": "loss"}]
+    assert any(float(c.outcome.loss) > 1e3 for c in run.stepped), "the spike was a step"
+    assert all(torch.isfinite(p).all() for p in run.trainer.params)
+
+
+@pytest.mark.parametrize("override", ["guard.clip.mode=agc", "guard.loss.spike_zscore=3"])
+def test_faithful_profile_refuses_what_contradicts_it(root: Path, tmp_path: Path, override: str) -> None:
+    with pytest.raises(ConfigError, match=rf"guard\.{override.split('=')[0][6:]}: got .* but "
+                                          r"guard\.profile=faithful sets it"):
+        faulty_cfg(tmp_path / "run", root, "guard.profile=faithful", override)
+
+
 def test_nan_gradient_skips_the_step_and_leaves_the_optimizer_untouched(
         root: Path, clean: Run, tmp_path: Path) -> None:
     run = train(faulty_cfg(tmp_path / "run", root, "guard.nonfinite_grads=skip", unet={"nan_grad_at": [3]}))

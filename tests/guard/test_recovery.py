@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import typing as tp
@@ -43,6 +44,7 @@ from tests.checkpoint.helpers import (
     rewrite_tensors,
     tensor_equal_trees,
     torch_threads,
+    train_golden,
     write_manifest,
 )
 from tests.conftest import REPO, tiny_raw, write_random_first_stage
@@ -263,12 +265,14 @@ def test_a_fault_that_repeats_after_the_rollback_halts_with_exit_4(tmp_path: Pat
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-4000:]
     halted = [line for line in proc.stderr.splitlines() if "halted:" in line]
     assert len(halted) == 1 and halted[0].startswith("halted: ldm step 3: non-finite weights"), halted
-    assert "1 rollback(s) since the last checkpoint did not help" in halted[0]
-    assert f"the last good checkpoint is {last_good}" in halted[0]
+    # The one checkpoint led straight back to non-finite weights: it is not called good.
+    assert ("1 rollback(s) since the last checkpoint did not help (rolling back to step-00000002 led "
+            "straight back to this); no checkpoint is believed good (none is older than step-00000002)"
+            ) in halted[0], halted
     assert fields(events(results, "rolled_back"), "step", "to_step", "reason") == [
         {"step": 3, "to_step": 2, "reason": "non-finite weights"}]
-    assert fields(events(results, "halted"), "step", "reason", "last_good") == [
-        {"step": 3, "reason": "non-finite weights", "last_good": str(last_good)}]
+    assert fields(events(results, "halted"), "step", "reason", "last_good", "led_back") == [
+        {"step": 3, "reason": "non-finite weights", "last_good": None, "led_back": [str(last_good)]}]
     assert hashes(results / "checkpoints") == before, "the checkpoints on disk must stay untouched"
     no_quarantine(results)
 
@@ -296,6 +300,106 @@ def test_consecutive_skips_before_any_checkpoint_halt_with_nothing_to_roll_back_
     assert fields(events(results, "halted"), "step", "reason") == [
         {"step": 0, "reason": "3 optimizer steps skipped in a row"}]
     assert events(results, "rolled_back") == [] and committed(results) == []
+
+
+# ----- 3b: a poisoned optimizer in the newest checkpoint (real CLI) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4 (tests continue private copies of it)."""
+    results = tmp_path_factory.mktemp("four-steps") / "run"
+    train_golden(results, synth_cache)
+    return results
+
+
+def continued(four_steps: Path, tmp_path: Path, synth_cache: Path) -> tuple[Path, Path]:
+    """A private copy of the 4-step run, and a config file that trains it on to step 6 with the weights
+    checked after every step."""
+    results = tmp_path / "run"
+    results.mkdir()
+    shutil.copytree(four_steps / "checkpoints", results / "checkpoints")
+    shutil.copy2(four_steps / "ae.safetensors", results / "ae.safetensors")
+    raw = tiny_raw(results, synth_cache)
+    raw["trainer"].update(val_batches=0, num_sample_images=1)
+    raw["checkpoint"] = {"every": 2}
+    raw["guard"] = {"norm_stats": {"check_every": 1}}
+    return results, write_yaml(tmp_path / "run.yaml", raw)
+
+
+def negative_second_moment(tensors: dict[str, torch.Tensor]) -> None:
+    """A finite state Adam cannot reach: the square root of the negative entry is NaN."""
+    tensors["state/0/exp_avg_sq"].view(-1)[0] = -1.0
+
+
+def overflowing_first_moment(tensors: dict[str, torch.Tensor]) -> None:
+    """Finite and possible entry by entry, so every verification level passes, yet the next Adam update
+    overflows (a first moment near float32's maximum over a zero second moment): the weights are
+    non-finite right after the first step from it, every time."""
+    tensors["state/0/exp_avg"].fill_(3e38)
+    tensors["state/0/exp_avg_sq"].zero_()
+
+
+@pytest.mark.slow
+def test_a_negative_adam_second_moment_is_damage_and_train_falls_back_to_the_previous_checkpoint(
+        four_steps: Path, tmp_path: Path, synth_cache: Path) -> None:
+    results, cfg = continued(four_steps, tmp_path, synth_cache)
+    poisoned = step_folder(results, 4)
+    rewrite_tensors(poisoned, "optimizer", negative_second_moment)  # resealed: only the values tell
+    sealed = hashes(poisoned)
+
+    proc = run_cli(cfg)
+
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (moved,) = events(results, "checkpoint_quarantined")
+    assert moved["path"] == str(poisoned), moved
+    assert "finite        FAILED: negative second moments in 1 tensor(s): optimizer.state.0.exp_avg_sq" in \
+        moved["reason"], moved["reason"]
+    assert hashes(Path(moved["to"])) == sealed, "quarantined unchanged"
+    assert fields(events(results, "resumed"), "step", "path", "rollback") == [
+        {"step": 2, "path": str(step_folder(results, 2)), "rollback": False}]
+    assert events(results, "rolled_back") == [] and events(results, "halted") == []
+    assert steps(results) == [2, 4, 6]
+    assert_checkpoints_finite(results)
+
+
+@pytest.mark.slow
+def test_a_rollback_target_that_leads_straight_back_is_passed_over_for_the_next_older(
+        four_steps: Path, tmp_path: Path, synth_cache: Path) -> None:
+    results, cfg = continued(four_steps, tmp_path, synth_cache)
+    rewrite_tensors(step_folder(results, 4), "optimizer", overflowing_first_moment)
+
+    proc = run_cli(cfg)
+
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert fields(events(results, "rolled_back"), "step", "to_step", "path", "reason") == [
+        {"step": 5, "to_step": 4, "path": str(step_folder(results, 4)), "reason": "non-finite weights"},
+        {"step": 5, "to_step": 2, "path": str(step_folder(results, 2)), "reason": "non-finite weights"}]
+    assert "step-00000004 led straight back here" in proc.stderr
+    assert events(results, "halted") == []
+    no_quarantine(results)
+    assert steps(results) == [2, 4, 6]
+    assert_checkpoints_finite(results)
+
+
+@pytest.mark.slow
+def test_the_halt_names_the_checkpoint_still_believed_good(
+        four_steps: Path, tmp_path: Path, synth_cache: Path) -> None:
+    results, cfg = continued(four_steps, tmp_path, synth_cache)
+    rewrite_tensors(step_folder(results, 4), "optimizer", overflowing_first_moment)
+    before = hashes(results / "checkpoints")
+
+    proc = run_cli(cfg, "guard.rollback.max_rollbacks=1")
+
+    assert proc.returncode == EXIT_HALTED, proc.stderr[-4000:]
+    halted = [line for line in proc.stderr.splitlines() if line.startswith("halted:")]
+    assert len(halted) == 1 and halted[0].startswith(
+        "halted: ldm step 5: non-finite weights, and 1 rollback(s) since the last checkpoint did not help "
+        "(rolling back to step-00000004 led straight back to this); the last good checkpoint is "
+        f"{step_folder(results, 2)}."), halted
+    assert fields(events(results, "halted"), "last_good", "led_back") == [
+        {"last_good": str(step_folder(results, 2)), "led_back": [str(step_folder(results, 4))]}]
+    assert hashes(results / "checkpoints") == before
 
 
 # ----- 4: resume stays bit-exact with live guard statistics ----------------------------------------

@@ -3,17 +3,27 @@ verified folder beside the untouched original), and what it cannot repair."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import sys
 import typing as tp
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from radiodiff_resume.checkpoint.verify import open_checkpoint
 from radiodiff_resume.cli import main
-from tests.checkpoint.helpers import STEP4, flip_byte, read_manifest, rewrite_tensors, write_manifest
+from tests.checkpoint.helpers import (
+    STEP4,
+    flip_byte,
+    read_manifest,
+    reseal,
+    rewrite_tensors,
+    write_manifest,
+)
 from tests.tools.conftest import tree
 from tests.tools.test_dry_run import inf_running_var, negative_adam_moment, poison_weight
 
@@ -157,3 +167,87 @@ def test_a_scale_factor_nowhere_recorded_is_measured_again(tool_run: tp.Callable
     assert "re-measured: 1/std of a training batch's latents" in detail
     fixed = open_checkpoint(Path(doc["repaired"]), "ldm")
     assert math.isfinite(fixed.manifest.scale_factor or math.nan) and fixed.manifest.scale_factor > 0
+
+
+# ----- nothing in a checkpoint names code to run ----------------------------------------------------
+
+
+def reseal_config(ckpt: Path, change: tp.Callable[[dict[str, tp.Any]], None]) -> None:
+    """Let ``change`` edit the checkpoint's ``config.yaml``, then reseal it (file record, ``config_hash``,
+    checksum): a forgery every structure check accepts."""
+    raw = yaml.safe_load((ckpt / "config.yaml").read_text())
+    change(raw)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(raw))
+    reseal(ckpt, "config.yaml")
+    data = (ckpt / "config.yaml").read_bytes()
+    write_manifest(ckpt, {**read_manifest(ckpt), "config_hash": hashlib.sha256(data).hexdigest()[:16]})
+    open_checkpoint(ckpt, "ldm")  # the forgery is sound
+
+
+def system_datasets(marker: Path) -> tp.Callable[[dict[str, tp.Any]], None]:
+    """``data.train`` / ``data.validation`` that would call ``os.system`` to create ``marker``."""
+    def change(raw: dict[str, tp.Any]) -> None:
+        for split in ("train", "validation"):
+            raw["data"][split] = {"target": "os.system", "params": {"command": f"touch {marker}"}}
+    return change
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_fix_never_calls_a_target_from_the_checkpoints_config(
+        tool_run: tp.Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tool_run()
+    ckpt = step4(cfg)
+    inf_running_var(ckpt)  # something --fix would repair
+    marker = tmp_path / "os-system-ran"
+    reseal_config(ckpt, system_datasets(marker))
+    before = tree(ckpt.parent)
+
+    for cfg_args in ([], ["--cfg", str(cfg)]):
+        assert main(["doctor", str(ckpt), "--fix", *cfg_args]) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{ckpt}/config.yaml sets data.train.target: 'os.system'" in line, line
+        assert "nothing was imported or run" in line and "pass --cfg" in line, line
+        whose = f"--cfg {cfg}" if cfg_args else "the built-in default (no --cfg given)"
+        assert f"but {whose} has none there" in line, line
+        assert not marker.exists(), "the checkpoint's config ran a command"
+    assert tree(ckpt.parent) == before, "nothing written"
+
+
+def test_fix_refuses_a_stored_target_before_importing_its_module(
+        tool_run: tp.Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = step4(tool_run())
+    inf_running_var(ckpt)
+    marker = tmp_path / "module-imported"
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "hostile_unet.py").write_text(f"open({str(marker)!r}, 'w').close()\nUNet = object\n")
+    monkeypatch.syspath_prepend(str(plugins))
+    reseal_config(ckpt, lambda raw: raw["model"]["unet"].update(target="hostile_unet.UNet"))
+
+    assert main(["doctor", str(ckpt), "--fix"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert "sets model.unet.target: 'hostile_unet.UNet', but the built-in default (no --cfg given) has " \
+        "'diffusers.UNet2DModel' there" in line, line
+    assert not marker.exists() and "hostile_unet" not in sys.modules, "importing the module runs its code"
+
+
+def test_fix_builds_a_plugged_target_only_when_the_users_config_names_it(
+        tool_run: tp.Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt = step4(tool_run())
+    inf_running_var(ckpt)
+    plugin = "tests.guard.recovery_plugins.PoisonedUNet"  # the same tensors as diffusers' UNet2DModel
+    reseal_config(ckpt, lambda raw: raw["model"]["unet"].update(target=plugin))
+
+    assert main(["doctor", str(ckpt), "--fix"]) == 2, "not named by the user"
+    assert f"model.unet.target: '{plugin}'" in one_error_line(capsys.readouterr().err)
+
+    users = tool_run(f"model.unet.target={plugin}")
+    code, doc = doctor(capsys, ckpt, "--fix", "--cfg", str(users))
+    assert code == 0, doc
+    assert open_checkpoint(Path(doc["repaired"]), "ldm").manifest.step == 4

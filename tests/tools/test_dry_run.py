@@ -104,7 +104,7 @@ CORRUPTIONS: dict[str, tuple[tp.Callable[[Path], None], str]] = {
     "stale scale_factor": (stale_scale_factor, "scale_factor"),
     "changed weight": (nudge_weight, "probe"),
     "Inf BatchNorm variance": (inf_running_var, "running stats"),
-    "negative Adam moment": (negative_adam_moment, "optimizer"),
+    "negative Adam moment": (negative_adam_moment, "finite"),
 }
 
 
@@ -197,3 +197,56 @@ def test_a_run_holding_the_folder_is_named(tool_run: tp.Callable[..., Path],
     [held] = [c for c in doc["checks"] if c["name"] == "lock"]
     assert held["status"] == "warn" and f"pid {os.getpid()}" in held["detail"]
     assert lock.live_holder() is None
+
+
+@pytest.mark.parametrize("where", ["nowhere", "the checkpoints folder", "the results folder"])
+def test_a_checkpoint_path_that_is_none_is_a_usage_error(where: str, tool_run: tp.Callable[..., Path],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """exit 2 and one line saying what the path is, never a failed check that calls it damaged (exit 1)."""
+    cfg = tool_run()
+    path = {"nowhere": cfg.parent / "nonexistent", "the checkpoints folder": results_of(cfg) / "checkpoints",
+            "the results folder": results_of(cfg)}[where]
+    assert main(["dry-run", "--cfg", str(cfg), "--checkpoint", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "damaged" not in err, err
+    if where == "nowhere":
+        assert f"--checkpoint {path}: no such checkpoint folder" in err
+    else:
+        newest = results_of(cfg) / "checkpoints" / STEP4
+        assert f"holds checkpoints but is not one: name one of them ({newest} is the newest)" in err
+
+    code = main(["dry-run", "--cfg", str(tool_run(f"checkpoint.resume={cfg.parent / 'nonexistent'}"))])
+    err = capsys.readouterr().err
+    assert code == 2 and f"checkpoint.resume={cfg.parent / 'nonexistent'}: no such checkpoint folder" in err
+
+
+def test_a_fresh_home_gets_only_the_data_it_is_told_about(tool_run: tp.Callable[..., Path],
+                                                          tmp_path: Path) -> None:
+    """With an empty HOME and TMPDIR, the only thing on disk afterwards is the synthetic dataset the
+    output names (``train`` would generate it there too): no matplotlib cache in HOME, no inductor cache
+    left in TMPDIR."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    cfg = tool_run("data.synthetic.cache_dir=~/.cache/radiodiff_resume")
+    before = tree(results_of(cfg))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "TMPDIR": str(tmp), "PYTHONPATH": str(REPO),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "radiodiff_resume.cli", "dry-run", "--cfg", str(cfg),
+                           "--json", "--steps", "1"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    data = home / ".cache" / "radiodiff_resume" / "radiomapseer-synth-s0-m6-t2-64"
+    files = sorted(p for p in home.rglob("*") if p.is_file())
+    assert files and all(data in p.parents for p in files), files
+    created = f"{home / '.cache'} was created for it"
+    assert doc["written"] == [f"{data} ({len(files)} files of synthetic data; {created})"]
+    [detail] = [c["detail"] for c in doc["checks"] if c["name"] == "data"]
+    assert f"generated into {data} ({len(files)} files" in detail
+    assert list(tmp.iterdir()) == []
+    assert tree(results_of(cfg)) == before
+
+    proc = subprocess.run([sys.executable, "-m", "radiodiff_resume.cli", "dry-run", "--cfg", str(cfg),
+                           "--steps", "0"], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stderr.endswith("dry-run passed; nothing was written\n"), proc.stderr
+    assert sorted(p for p in home.rglob("*") if p.is_file()) == files

@@ -159,6 +159,7 @@ def test_several_models_wrapped_names_and_no_ema(source: Source, tmp_path: Path,
             "module. (DDP)") in out
     assert "model.safetensors (1 tensors): it fits no part of our model" in out
     assert "EMA: none in the source; ours starts from the imported online weights" in out
+    assert "at step 3 by this config's schedule (trainer.lr_schedule=radiodiff, trainer.lr, warm-up)" in out
     model = load_file(str(tmp_path / "run" / "checkpoints" / f"step-{STEPS:08d}" / "model.safetensors"))
     assert all(torch.equal(model[f"unet.{k}"], v) for k, v in unet.items())
 
@@ -221,3 +222,70 @@ def test_user_errors_are_one_line(source: Source, tmp_path: Path, capsys: pytest
                                "model.unet.params.block_out_channels=[24,24]")
     assert code == 2 and err.count("\n") == 1, err
     assert "tensor conv_in.bias is (16,) torch.float32 in the source, our unet.conv_in.bias is (24,)" in err
+
+
+def test_files_that_are_not_what_they_claim_are_one_line(source: Source, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A text file named optimizer.bin, and an EMA config.json nested 100 000 deep: one line each, exit 2
+    (they used to end in an IndexError and a RecursionError traceback)."""
+    text = tmp_path / "text"
+    shutil.copytree(source.folder, text)
+    (text / "optimizer.bin").write_text("Run 3: optimizer state lost, see the log\n")
+    code, _, err = import_here(capsys, text, source.cfg, tmp_path / "run")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{text / 'optimizer.bin'} is not a readable torch file" in err and "runs whatever code" not in err
+
+    deep = tmp_path / "deep"
+    shutil.copytree(source.folder, deep)
+    (deep / "unet_ema" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = import_here(capsys, deep, source.cfg, tmp_path / "run")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{deep / 'unet_ema' / 'config.json'} is nested too deeply" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_a_plain_pickle_is_not_said_to_run_code(source: Source, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str], protocol: int) -> None:
+    """Plain data pickled without torch.save names no code: the message says it is not a torch file, and
+    does not claim code that is not there; the same scan still names code that is."""
+    folder = tmp_path / "state"
+    shutil.copytree(source.folder, folder)
+    (folder / "optimizer.bin").write_bytes(pickle.dumps({"state": {}, "param_groups": []}, protocol=protocol))
+    code, _, err = import_here(capsys, folder, source.cfg, tmp_path / "run")
+    assert code == 2 and err.count("\n") == 1, err
+    assert "holds pickled data that would run no code" in err and "runs whatever code" not in err, err
+
+    marker = tmp_path / "code-ran"
+    (folder / "optimizer.bin").write_bytes(pickle.dumps({"state": RunsCode(marker)}, protocol=protocol))
+    code, _, err = import_here(capsys, folder, source.cfg, tmp_path / "run")
+    assert code == 2 and "runs whatever code the file carries (it calls io.open)" in err, err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("version, refused", [
+    ("2.1.2", True), ("2.5.1+cu121", True), ("2.9.1", True), ("2.10.0a0+git1234abc", True),
+    ("2.10.0", False), ("2.10.1+cu128", False), ("2.13.0+cpu", False), ("3.0.0", False),
+])
+def test_foreign_pickles_need_a_torch_without_known_bypasses(version: str, refused: bool) -> None:
+    from radiodiff_resume.tools.importer import unpickler_refusal
+
+    reason = unpickler_refusal(version)
+    assert (reason is not None) == refused
+    if reason is not None:
+        assert f"needs torch >= 2.10, this is torch {version}" in reason and "CVE-2026-24747" in reason
+
+
+def test_an_older_torch_reads_no_foreign_pickle(source: Source, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """torch 2.9 as far as the import can tell: refused before the pickle is opened, in one line."""
+    folder = tmp_path / "state"
+    shutil.copytree(source.folder, folder)
+    marker = tmp_path / "code-ran"
+    torch.save({"state": RunsCode(marker)}, folder / "optimizer.bin")
+    monkeypatch.setattr(torch, "__version__", "2.9.1+cu126")
+    code, _, err = import_here(capsys, folder, source.cfg, tmp_path / "run")
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"{folder / 'optimizer.bin'}: reading it needs torch >= 2.10, this is torch 2.9.1+cu126" in err
+    assert not marker.exists() and not (tmp_path / "run").exists()

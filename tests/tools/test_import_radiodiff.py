@@ -9,6 +9,7 @@ files that would run code, weights that do not fit, and an existing output.
 
 from __future__ import annotations
 
+import pickle
 import re
 import typing as tp
 from dataclasses import dataclass
@@ -184,6 +185,22 @@ def test_a_pickle_that_runs_code_is_refused_unrun(radiodiff: RadioDiff, tmp_path
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert f"refusing {src}: reading it needs full unpickling" in err
     assert not marker.exists() and not (tmp_path / "ae.safetensors").exists()
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"Run 30: model lost\n",
+     "is not a readable torch file (damaged, truncated or not written by torch.save? IndexError"),
+    (pickle.dumps({"model": {"encoder.conv_in.weight": [0.5]}}), "holds pickled data that would run no code"),
+], ids=["text", "plain pickle"])
+def test_a_file_that_is_no_torch_file_is_one_line(radiodiff: RadioDiff, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str], content: bytes,
+                                                  expected: str) -> None:
+    """A text file and a plain pickle named model-N.pt: neither is said to carry code it does not carry."""
+    src = tmp_path / "model-30.pt"
+    src.write_bytes(content)
+    code, _, err = import_here(capsys, src, radiodiff.cfg, "--out", tmp_path / "ae.safetensors")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{src} {expected}" in err and "runs whatever code" not in err, err
 
 
 @pytest.mark.parametrize("setting, expected", [

@@ -1,13 +1,15 @@
 """``radiodiff-resume report``: on a real run that went through what a report must show — a first
 stage, skipped steps escalating to rollbacks, a preemption (a real SIGUSR1), a damaged newest
-checkpoint quarantined on the rerun and a resume from the older one — and on hand-written logs
-where the exact arithmetic of time lost is checked.
+checkpoint quarantined on the rerun and a resume from the older one —, on a real run that finished
+and was extended later, with 80 skipped steps at one step, and on hand-written logs where the exact
+arithmetic of time lost is checked. The picture is checked through its figure's artists.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,13 +19,16 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import LineCollection
 
 from radiodiff_resume.cli import EXIT_USER_ERROR, main
 from radiodiff_resume.config import build_config
 from radiodiff_resume.errors import StopRequested
 from radiodiff_resume.run import train
 from radiodiff_resume.slurm.signals import STOP
-from radiodiff_resume.tools.report import report
+from radiodiff_resume.tools.report import load_run, report, summarize
+from radiodiff_resume.tools.report_plot import build_figure
 from radiodiff_resume.trainer import LatentDiffusionTrainer
 from tests.checkpoint.helpers import torch_threads, truncate
 from tests.conftest import REPO, tiny_raw
@@ -34,6 +39,17 @@ newest one damaged, resumes from step 6)."""
 JOB = ("model.first_stage.train_if_missing=true", "model.first_stage.trainer.save_and_sample_every=2",
        "trainer.train_num_steps=12", "trainer.log_freq=1", "trainer.save_and_sample_every=4",
        "checkpoint.every=3", "guard.rollback.max_consecutive_skips=2", "trainer.num_sample_images=1")
+FINISHED_AT, EXTENDED_TO, SKIPS = 100, 220, 80
+"""The extended run: trained to step 100 and finished; rerun later with 220 steps, where training
+forwards 101..180 of the second process (step 201 attempted) give an Inf loss, all skipped (no
+rollback: it would take 81 in a row)."""
+EXTENDED = ("model.first_stage.train_if_missing=true", "trainer.log_freq=10",
+            "trainer.save_and_sample_every=50", "checkpoint.every=50",
+            f"guard.rollback.max_consecutive_skips={SKIPS + 1}")
+SKIPPED_AT = 2 * FINISHED_AT + 1
+"""The step the 80 skips attempt: the second process's first 100 forwards trained steps 101..200."""
+IDLE_S = 1200.0
+"""The idle gap written into a copy of the extended run: its second process starts 20 minutes later."""
 
 
 def events(folder: Path, kind: str) -> list[dict[str, tp.Any]]:
@@ -72,6 +88,31 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Pat
         STOP.uninstall()
         STOP.clear()
     return results
+
+
+@pytest.fixture(scope="module")
+def extended_run(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Path:
+    """A run trained to its target of 100 steps, then extended to 220 by a second process (the
+    same config but ``trainer.train_num_steps``), which skipped 80 steps in a row at step 201."""
+    results = tmp_path_factory.mktemp("report") / "extended"
+    raw = tiny_raw(results, synth_cache)
+    raw["model"]["unet"]["target"] = "tests.guard.faults.FaultyUNet"
+    raw["model"]["unet"]["params"]["inf_loss_at"] = list(range(FINISHED_AT + 1, FINISHED_AT + 1 + SKIPS))
+    with torch_threads(1):
+        for steps in (FINISHED_AT, EXTENDED_TO):
+            train(build_config(raw, (*EXTENDED, f"trainer.train_num_steps={steps}")))
+    return results
+
+
+def ldm_figure(run_dir: Path) -> tuple[tp.Any, tp.Any]:
+    """The report's figure of ``run_dir`` and its LDM block (the subfigure titled so)."""
+    fig = build_figure(run := load_run(run_dir), summarize(run))
+    [block] = [sf for sf in fig.subfigs if sf._suptitle.get_text() == "stage ldm"]
+    return fig, block
+
+
+def titled(block: tp.Any, prefix: str) -> list[tp.Any]:
+    return [ax for ax in block.axes if ax.get_title().startswith(prefix)]
 
 
 def copy_logs(run: Path, to: Path) -> Path:
@@ -148,7 +189,7 @@ def test_a_truncated_last_line_is_skipped_and_counted(real_run: Path, tmp_path: 
     run = copy_logs(real_run, tmp_path / "run")
     text = (run / "events.jsonl").read_text()
     last = text.splitlines()[-1]
-    assert json.loads(last)["event"] == "checkpoint_saved"
+    assert json.loads(last)["event"] == "finished"
     (run / "events.jsonl").write_text(text[: len(text) - len(last) // 2 - 1])
     with (run / "first_stage" / "metrics.jsonl").open("a") as f:
         f.write('{"stage": "first_stage", "step": 5, "ti')
@@ -157,7 +198,7 @@ def test_a_truncated_last_line_is_skipped_and_counted(real_run: Path, tmp_path: 
 
     assert summary["unreadable_lines"] == {"events.jsonl": 1, "first_stage/metrics.jsonl": 1}
     whole = report(real_run, tmp_path / "whole.png")["stages"]
-    assert summary["stages"]["ldm"]["counts"]["saves"] == whole["ldm"]["counts"]["saves"] - 1
+    assert "finished" not in summary["stages"]["ldm"]["events"] and whole["ldm"]["events"]["finished"] == 1
     assert summary["stages"]["first_stage"]["last_train"] == whole["first_stage"]["last_train"]
     assert matplotlib.image.imread(tmp_path / "r.png").shape[0] > 0
 
@@ -186,7 +227,7 @@ def test_a_killed_run_loses_its_downtime_and_the_steps_since_its_last_checkpoint
     [restart] = ldm["restarts"]
     assert restart == {"time": 200.0, "to_step": 4, "from_step": 5, "fresh": False,
                        "cause": "no stop recorded: killed or crashed", "steps_redone": 1,
-                       "down_s": 95.0, "redone_s": 0.5}
+                       "down_s": 95.0, "idle_s": 0.0, "redone_s": 0.5}
     [rollback] = ldm["rollbacks"]
     assert (rollback["steps_redone"], rollback["redone_s"]) == (1, 2.5)
     assert ldm["time_lost_s"] == {"down": 95.0, "redone": 3.0, "total": 98.0}
@@ -219,3 +260,128 @@ def test_importing_the_command_loads_neither_torch_nor_matplotlib() -> None:
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_finished_run_extended_later_was_idle_not_killed(extended_run: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """The trainer writes ``finished`` when a run reaches its target; the report counts the time until
+    the run is extended as idle, not as down time of a killed process."""
+    assert [(e["step"], e["train_num_steps"]) for e in events(extended_run, "finished")] == [
+        (FINISHED_AT, FINISHED_AT), (EXTENDED_TO, EXTENDED_TO)]
+    assert [e["step"] for e in events(extended_run / "first_stage", "finished")] == [4]
+
+    ldm = report(extended_run, tmp_path / "r.png")["stages"]["ldm"]
+
+    [restart] = ldm["restarts"]
+    assert (restart["from_step"], restart["to_step"], restart["steps_redone"]) == (FINISHED_AT,) * 2 + (0,)
+    assert restart["cause"] == f"had finished at step {FINISHED_AT} of {FINISHED_AT}"
+    assert restart["down_s"] == 0 and restart["idle_s"] > 0
+    assert ldm["time_lost_s"] == {"down": 0.0, "redone": 0.0, "total": 0.0}
+    assert ldm["time_idle_s"] == restart["idle_s"]
+    assert main(["report", str(extended_run), "--out", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "killed or crashed" not in out and "time lost: none recorded" in out
+    assert f"restart after step {FINISHED_AT} (had finished at step {FINISHED_AT} of {FINISHED_AT}), " \
+           f"resumed at step {FINISHED_AT}: " in out
+
+
+def test_an_older_run_without_finished_events_is_read_from_its_config_change(
+        extended_run: Path, tmp_path: Path) -> None:
+    """Runs written before the ``finished`` event: the resume's ``config_changed`` shows the step
+    target the first process had reached."""
+    run = copy_logs(extended_run, tmp_path / "run")
+    for log in (run / "events.jsonl", run / "first_stage" / "events.jsonl"):
+        log.write_text("".join(line for line in log.read_text().splitlines(keepends=True)
+                               if json.loads(line)["event"] != "finished"))
+
+    ldm = report(run, tmp_path / "r.png")["stages"]["ldm"]
+
+    [restart] = ldm["restarts"]
+    assert restart["cause"] == f"had finished: train_num_steps was {FINISHED_AT}, now {EXTENDED_TO}"
+    assert restart["down_s"] == 0 and restart["idle_s"] > 0 and ldm["time_lost_s"]["total"] == 0
+
+
+def test_a_long_idle_gap_is_cut_short_on_the_time_axis(extended_run: Path, tmp_path: Path) -> None:
+    """The second process started 20 minutes after the first finished: the gap is drawn as a narrow
+    cut of the progress axis with its length written on it, the two processes keep their room."""
+    run = copy_logs(extended_run, tmp_path / "run")
+    [first_end, _] = events(run, "finished")
+    for log in (run / "events.jsonl", run / "metrics.jsonl"):
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        for r in records:
+            r["time"] += IDLE_S if r["time"] > first_end["time"] else 0.0
+        log.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    ldm = report(run, tmp_path / "r.png")["stages"]["ldm"]
+    assert ldm["time_idle_s"] > IDLE_S and ldm["time_lost_s"]["total"] == 0
+    fig, block = ldm_figure(run)
+    [ax] = titled(block, "progress")
+    FigureCanvasAgg(fig).draw()
+
+    first, second = [line.get_xdata() for line in ax.lines if line.get_color() == "tab:gray"]
+    pixels = [ax.transData.transform((x, 0))[0] / ax.bbox.width
+              for x in (first[0], first[-1], second[0], second[-1])]
+    assert pixels[2] - pixels[1] < 0.1, "the 20 minutes take a sliver of the axis"
+    assert pixels[1] - pixels[0] > 0.2 and pixels[3] - pixels[2] > 0.3, "both processes keep their room"
+    [cut] = [t.get_text() for t in ax.texts]
+    assert re.fullmatch(r"axis cut: 20\.[01] min idle", cut), cut
+    ticks = ax.xaxis.get_majorticklocs()
+    assert any(t < first[-1] for t in ticks) and any(t > second[0] for t in ticks), "true times both sides"
+
+
+def test_eighty_skips_at_one_step_are_drawn_however_long_the_run(extended_run: Path) -> None:
+    """On a 220-step axis a step is narrower than a pixel: the skips are drawn as a stem and a marker
+    sized in points, so 80 of them at one step stand out."""
+    skipped = events(extended_run, "step_skipped")
+    assert len(skipped) == SKIPS and {e["step"] for e in skipped} == {SKIPPED_AT}
+    fig, block = ldm_figure(extended_run)
+    [ax] = titled(block, "skipped")
+    FigureCanvasAgg(fig).draw()
+
+    one_step = ax.transData.transform((1, 0))[0] - ax.transData.transform((0, 0))[0]
+    assert one_step < 2, "a step is about a pixel wide here"
+    [marker] = [line for line in ax.lines if (SKIPPED_AT, SKIPS) in zip(line.get_xdata(), line.get_ydata(),
+                                                                       strict=True)]
+    assert marker.get_marker() == "o" and marker.get_markersize() >= 5
+    [stem] = [c for c in ax.collections if isinstance(c, LineCollection)]
+    [[(x0, y0), (x1, y1)]] = stem.get_segments()
+    assert (x0, y0, x1, y1) == (SKIPPED_AT, 0, SKIPPED_AT, SKIPS) and stem.get_linewidths()[0] >= 2
+    assert ax.get_ylim()[1] > SKIPS and ax.get_xlim()[0] < SKIPPED_AT < ax.get_xlim()[1]
+
+
+@pytest.mark.parametrize("which", ["real_run", "extended_run"])
+def test_each_validation_metric_has_a_readable_axis_of_its_own(which: str,
+                                                               request: pytest.FixtureRequest) -> None:
+    """rmse (~0.38) and ssim (~0.01) move by a few thousandths: on one shared axis they are flat lines
+    under one tick; each on its own axis, its curve fills the axis and reads off several ticks."""
+    fig, block = ldm_figure(request.getfixturevalue(which))
+    FigureCanvasAgg(fig).draw()
+
+    for metric in ("rmse", "nmse", "psnr", "ssim"):
+        [ax] = [ax for ax in block.axes if ax.get_ylabel().split(" (")[0] == metric]
+        [curve] = [line for line in ax.lines if line.get_marker() == "o"]
+        lo, hi = ax.get_ylim()
+        values = curve.get_ydata()
+        assert (max(values) - min(values)) / (hi - lo) > 0.5, f"{metric}: the curve fills its axis"
+        labels = [t.get_text() for t in ax.get_yticklabels() if lo <= t.get_position()[1] <= hi]
+        assert len(set(labels)) == len(labels) >= 3, (metric, labels)
+
+
+def test_the_summary_text_fits_its_panel_clear_of_the_legend_and_plots(real_run: Path) -> None:
+    """The summary lies inside the room the layout gave its panel: one that spills out of it runs
+    under the figure's legend, which the layout placed where the panel ends."""
+    fig = build_figure(run := load_run(real_run), summarize(run))
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legend = fig.legends[0].get_window_extent(renderer)
+
+    for block in fig.subfigs:
+        name = block._suptitle.get_text().removeprefix("stage ")
+        [(home, text)] = [(ax, t) for ax in block.axes for t in ax.texts
+                          if t.get_text().startswith(f"{name}: ")]
+        box = text.get_window_extent(renderer)
+        assert not box.overlaps(legend), f"{name}: the legend hides the summary's last lines"
+        assert home.bbox.y0 <= box.y0 and box.y1 <= home.bbox.y1, f"{name}: the summary spills out"
+        assert box.x1 <= fig.bbox.x1, name
+        assert not [ax.get_title() for ax in block.axes if ax is not home and box.overlaps(ax.bbox)]

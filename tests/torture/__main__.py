@@ -6,7 +6,9 @@
   right after commits), re-run to the end, compared bit for bit with an uninterrupted run;
 - corruption: every generic mutation of every file of a checkpoint, every manifest and component
   forgery, nesting at the recursion limit, end-to-end discovery, and untouched controls;
-- differences: environment and config changes on re-run (no quarantine; a way out that works).
+- differences: environment and config changes on re-run (no quarantine; a way out that works);
+- hostile files: links, FIFOs, /dev/zero and over-deep JSON where a run keeps its files, through the CLI
+  (one-line refusal or as promised, no traceback, no hang, link targets untouched).
 
 ``bash scripts/test.sh`` runs a reduced set of each (tests/torture/test_*.py). Any failure
 raises after the table is printed.
@@ -26,6 +28,7 @@ from radiodiff_resume.data.synthetic import ensure_synthetic
 from tests.checkpoint.helpers import train_golden
 from tests.torture.corruption import run_trials
 from tests.torture.differences import run_differences
+from tests.torture.hostile import run_hostile
 from tests.torture.kills import run_kill_trials
 
 
@@ -60,6 +63,10 @@ def main() -> None:
         rows.append(("environment / config differences", differences.trials, differences.handled,
                      differences.trials - differences.handled, 0, differences.false_alarms, 0,
                      time.perf_counter() - start))
+        start = time.perf_counter()
+        hostile = run_hostile(golden, work / "hostile")
+        rows.append(("hostile files", hostile.trials, hostile.handled, hostile.trials - hostile.handled,
+                     0, 0, 0, time.perf_counter() - start))
 
     print()
     print("| set | trials | detected / handled | missed | crashed | false alarms | lost steps | seconds |")
@@ -71,7 +78,7 @@ def main() -> None:
           f"checkpoint; final weights bit-identical to the uninterrupted run ({kills.steps} steps).")
     print(f"SIGKILL lost steps: steps computed after the last commit before a kill (redone), of "
           f"{kills.steps}.")
-    failures = corruption.report().splitlines()[2:] + differences.failures
+    failures = corruption.report().splitlines()[2:] + differences.failures + hostile.failures
     if kills.kills < args.kills:
         failures.append(f"SIGKILL: the run finished after {kills.kills} of {args.kills} kills")
     for line in failures:
