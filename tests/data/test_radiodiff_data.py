@@ -16,9 +16,6 @@ Facts of RadioDiff's loaders these tests hold the dataset to:
 from __future__ import annotations
 
 import io
-import json
-import subprocess
-import sys
 import typing as tp
 from pathlib import Path
 
@@ -29,32 +26,14 @@ from PIL import Image
 
 from radiodiff_resume.build import build_datasets
 from radiodiff_resume.config import build_config
-from radiodiff_resume.data import radiomapseer
 from radiodiff_resume.data.radiomapseer import RadioMapSeer, radiodiff_split
 from radiodiff_resume.data.synthetic import ensure_synthetic, generate
 from radiodiff_resume.errors import ConfigError, DataError
-from tests.data.test_radiodiff_split import RADIODIFF_SHUFFLE
+from tests.data.radiodiff_facts import TX
 
-TX = 2
-"""Transmitters per map in the test folders (RadioDiff's 80 would be tens of thousands of files)."""
+pytestmark = pytest.mark.usefixtures("few_transmitters")
+
 SIZE = 8
-
-
-@pytest.fixture(scope="module", autouse=True)
-def few_transmitters() -> tp.Iterator[None]:
-    assert radiomapseer.RADIODIFF_TX_PER_MAP == 80  # RadioDiff's numTx
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(radiomapseer, "RADIODIFF_TX_PER_MAP", TX)
-        yield
-
-
-@pytest.fixture(scope="module")
-def order() -> list[int]:
-    """RadioDiff's shuffled positions, from its own calls in a fresh interpreter."""
-    out = subprocess.run(
-        [sys.executable, "-c", RADIODIFF_SHUFFLE], capture_output=True, text=True, check=True
-    )
-    return [int(i) for i in json.loads(out.stdout)]
 
 
 def _png_bytes(array: np.ndarray) -> bytes:
@@ -76,8 +55,8 @@ def _read(path: Path) -> np.ndarray:
 # -- data.split: radiodiff_600 ---------------------------------------------------------------------
 
 
-def test_radiodiff_600_is_the_head_loaders_phases(order: list[int]) -> None:
-    ids = [i + 1 for i in order]  # dataset_map_ind = maps_inds[idxr + ind1] + 1
+def test_radiodiff_600_is_the_head_loaders_phases(radiodiff_order: list[int]) -> None:
+    ids = [i + 1 for i in radiodiff_order]  # dataset_map_ind = maps_inds[idxr + ind1] + 1
     split = radiodiff_split("radiodiff_600")
     assert split["train"] == ids[0:601]
     assert split["val"] == ids[600:651]
@@ -116,8 +95,9 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_radiodiff_600_reads_the_head_loaders_samples_in_its_order(release: Path, order: list[int]) -> None:
-    ids = [i + 1 for i in order]
+def test_radiodiff_600_reads_the_head_loaders_samples_in_its_order(release: Path,
+                                                                   radiodiff_order: list[int]) -> None:
+    ids = [i + 1 for i in radiodiff_order]
     train = RadioMapSeer(release, split="train", image_size=SIZE, split_mode="radiodiff_600")
     assert train.map_ids == ids[0:601]
     assert len(train) == 601 * TX  # (ind2 - ind1 + 1) * numTx

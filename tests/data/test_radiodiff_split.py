@@ -9,10 +9,6 @@ np.random.shuffle`` on the global RNG, phases ``ind1..ind2`` inclusive (train 0.
 from __future__ import annotations
 
 import io
-import json
-import subprocess
-import sys
-import typing as tp
 from pathlib import Path
 
 import numpy as np
@@ -22,41 +18,15 @@ from PIL import Image
 
 from radiodiff_resume.build import build_datasets
 from radiodiff_resume.config import build_config
-from radiodiff_resume.data import radiomapseer
 from radiodiff_resume.data.radiomapseer import RadioMapSeer, radiodiff_split
 from radiodiff_resume.data.synthetic import generate
 from radiodiff_resume.errors import DataError
 from radiodiff_resume.guard.sanitize import finite_batch
+from tests.data.radiodiff_facts import TX
 
-RADIODIFF_SHUFFLE = (
-    "import json, numpy as np\n"
-    "maps_inds = np.arange(0, 700, 1, dtype=np.int16)\n"
-    "np.random.seed(42)\n"
-    "np.random.shuffle(maps_inds)\n"
-    "print(json.dumps([int(i) for i in maps_inds]))\n"
-)
-"""RadioDiff's own calls, run in a fresh interpreter so this process's global RNG is not used."""
+pytestmark = pytest.mark.usefixtures("few_transmitters")
 
-TX = 2
-"""Transmitters per map in the test folders: RadioDiff's 80 would be 8,000+ files (slow on a
-busy disk), so :data:`RADIODIFF_TX_PER_MAP` is patched to this while the folders are read."""
 SIZE = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def few_transmitters() -> tp.Iterator[None]:
-    assert radiomapseer.RADIODIFF_TX_PER_MAP == 80  # RadioDiff's numTx
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(radiomapseer, "RADIODIFF_TX_PER_MAP", TX)
-        yield
-
-
-@pytest.fixture(scope="module")
-def radiodiff_order() -> list[int]:
-    out = subprocess.run(
-        [sys.executable, "-c", RADIODIFF_SHUFFLE], capture_output=True, text=True, check=True
-    )
-    return [int(i) for i in json.loads(out.stdout)]
 
 
 def test_lists_are_radiodiffs_global_rng_shuffle(radiodiff_order: list[int]) -> None:
