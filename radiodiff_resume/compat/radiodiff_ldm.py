@@ -162,6 +162,35 @@ def read_run(src: Path, ckpt: dict[str, tp.Any], cfg: Config) -> RunFile:
     return RunFile(src, ckpt, ours, names, first_stage.state_dict(), upstream, frozen, reshaped)
 
 
+def sampling_state(src: Path, ckpt: dict[str, tp.Any], cfg: Config, ema: bool | None) -> tuple[Tensors, bool]:
+    """Our LDM's whole state from a RadioDiff LDM file as upstream's ``sample_cond_ldm.py`` loads it for
+    sampling: the EMA's average (``ema_model.*``, ``sampler.use_ema``) or ``model``, with ``model``'s
+    ``scale_factor`` either way; and whether it is the EMA. ``ema`` None: the EMA when the file has one."""
+    if not is_ldm_run(ckpt):
+        raise UserError(f"import: {src} is not a RadioDiff LDM file (train_cond_ldm.py's model-N.pt: 'model' "
+                        f"holding {LDM_FIRST_STAGE}* and {LDM_DENOISER}*); a checkpoint of this project is "
+                        "evaluated with --checkpoint DIR")
+    if not builds_radiodiff_unet(cfg):
+        from radiodiff_resume.compat.radiodiff_config import RADIODIFF_UNET
+
+        raise UserError(f"import: {src.name} holds RadioDiff's network, and this config builds "
+                        f"model.unet.target={cfg.model.unet.target}: pass RadioDiff's yaml (or one with "
+                        f"model.unet.target: {RADIODIFF_UNET})")
+    average = ckpt.get("ema")
+    has_ema = isinstance(average, dict) and any(k.startswith(AVERAGE) for k in average)
+    use_ema = has_ema if ema is None else ema
+    if use_ema and not has_ema:
+        raise UserError(f"import: {src.name} holds no EMA to sample with --ema (RadioDiff saves model alone "
+                        "with trainer.enable_resume: False); pass --online")
+    model = tp.cast(Tensors, ckpt["model"])
+    if use_ema:
+        online = model
+        model = {k[len(AVERAGE):]: v for k, v in tp.cast(Tensors, average).items() if k.startswith(AVERAGE)}
+        if "scale_factor" in online:
+            model["scale_factor"] = online["scale_factor"]
+    return read_run(src, {"model": model}, cfg).ours, use_ema
+
+
 # ----- what the file says besides the weights -------------------------------------------------------------
 
 
@@ -178,18 +207,6 @@ def step_from_name(src: Path, cfg: Config) -> int:
         raise UserError(f"import: --step-from-name: {src.name} is not named model-<milestone>.pt, as "
                         "RadioDiff names its saves; rename it or drop the flag (a fine-tune from step 0)")
     return int(match.group(1)) * cfg.trainer.save_and_sample_every
-
-
-def refuse_swin_restart(cfg: Config) -> None:
-    """A checkpoint at step 0 is a fresh start to ``train``, which then loads ``cond_weights`` into the Swin
-    over the imported weights."""
-    cond = cfg.model.unet.params.get("cond_weights", "none")
-    if str(cond) != "none":
-        raise UserError(
-            f"import: a weights-only file starts a fine-tune at step 0, where `train` loads "
-            f"model.unet.params.cond_weights={cond} into the Swin over the imported weights: pass "
-            "model.unet.params.cond_weights=none (to import and to train), or --step-from-name to continue "
-            "at the file's milestone")
 
 
 def optimizer_for_ours(run: RunFile) -> dict[str, tp.Any]:
@@ -415,8 +432,6 @@ def import_run(src: Path, ckpt: dict[str, tp.Any], cfg: Config, args: argparse.N
                         "over one (pass --out with a new results folder)")
     if args.step_from_name and "opt" in ckpt:
         raise UserError(f"import: --step-from-name is for a model-only file; {src.name} records its step")
-    if "opt" not in ckpt and not args.step_from_name:
-        refuse_swin_restart(cfg)
     refuse_existing_run(cfg)
     run = read_run(src, ckpt, cfg)
     if run.full:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import typing as tp
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,15 +49,59 @@ def evaluation_model(cfg: Config, accelerator: Accelerator, train_set: Dataset, 
     ``--weights`` (a RadioDiff LDM file), with its EMA weights in unless ``ema`` is False (None: EMA when
     the run keeps one). Every process must enter it together."""
     if weights is not None:
-        require_weights_support(weights)
+        with _from_weights(cfg, accelerator, Path(weights).expanduser(), ema) as model:
+            yield model
+        return
     with _from_checkpoint(cfg, accelerator, train_set, val_set, checkpoint or LATEST, ema) as model:
         yield model
 
 
-def require_weights_support(weights: str) -> None:
-    """Refuse ``--weights`` until RadioDiff LDM files can be read (checked before any data is loaded)."""
-    raise UserError(f"--weights {weights}: not yet supported: import it first with `radiodiff-resume "
-                    "import`, then evaluate the result with --checkpoint")
+def check_weights_file(weights: str) -> None:
+    """``--weights`` names a regular file, through links (the user's own file: a ``latest.pt`` link is
+    common), never a FIFO or a device; checked before any data is loaded."""
+    from radiodiff_resume.io import NotRegularFile, open_regular
+
+    path = Path(weights).expanduser()
+    try:
+        os.close(open_regular(path.resolve(), advice="pass RadioDiff's model-N.pt"))
+    except NotRegularFile as exc:
+        raise UserError(f"--weights {weights}: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"--weights {weights} cannot be read ({exc.strerror or exc}): pass RadioDiff's "
+                        "model-N.pt, or --checkpoint DIR for a checkpoint of this project") from None
+
+
+@contextlib.contextmanager
+def _from_weights(cfg: Config, accelerator: Accelerator, path: Path,
+                  ema: bool | None) -> tp.Iterator[EvalModel]:
+    """A RadioDiff LDM file loaded as upstream's ``sample_cond_ldm.py`` loads it (read with
+    ``weights_only=True``, mapped; strictly into this config's network; non-finite weights refused)."""
+    import torch
+    from accelerate.utils import broadcast_object_list
+
+    from radiodiff_resume.build import build_first_stage, build_ldm
+    from radiodiff_resume.compat.radiodiff_ldm import sampling_state, sha256_of
+    from radiodiff_resume.tools.importer import load_pickled
+
+    try:
+        ckpt = load_pickled(path, mmap=True)
+        state, use_ema = sampling_state(path, ckpt, cfg, ema)
+    except UserError as exc:
+        raise UserError(f"evaluate --weights: {str(exc).removeprefix('import: ')}") from None
+    which = "EMA" if use_ema else "online"
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise UserError(f"evaluate --weights: {path}: tensor {bad} of the {which} weights holds NaN/Inf; "
+                        "evaluate an earlier model-N.pt, or the other weights (--ema/--online)")
+    ldm = build_ldm(cfg, build_first_stage(cfg))
+    ldm.load_state_dict(state, strict=True)
+    ldm.to(accelerator.device).eval()
+    step = ckpt.get("step")
+    identity = [{"source": "weights", "name": path.name, "step": step if isinstance(step, int) else None,
+                 "content": sha256_of(path)[:16] if accelerator.is_main_process else None}]
+    del ckpt, state
+    broadcast_object_list(identity)
+    yield EvalModel(ldm, path.stem, identity[0], use_ema, path)
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ class Options:
     @classmethod
     def resolve(cls, args: argparse.Namespace, section: SamplerSection, cfg: Config) -> Options:
         from radiodiff_resume.errors import UserError
-        from radiodiff_resume.evaluation.model import require_weights_support
+        from radiodiff_resume.evaluation.model import check_weights_file
 
         explicit = args.checkpoint is not None or args.weights is not None
         options = cls(
@@ -75,7 +75,7 @@ class Options:
             metrics=args.metrics,
         )
         if options.weights is not None:
-            require_weights_support(options.weights)
+            check_weights_file(options.weights)
         for flag, value in (("--sampling-timesteps", options.steps), ("--batch-size", options.batch_size),
                             ("--limit", options.limit)):
             if value is not None and value < 1:
@@ -333,7 +333,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     source.add_argument("--checkpoint", default=None,
                         help="a checkpoint folder (checkpoints/step-…), or 'latest' (default): the newest "
                              "that verifies")
-    source.add_argument("--weights", default=None, help="a RadioDiff LDM file (model-N.pt)")
+    source.add_argument("--weights", default=None,
+                        help="a RadioDiff LDM file (model-N.pt), loaded as its sample_cond_ldm.py loads it")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--ema", dest="ema", action="store_const", const=True, default=None,
                          help="sample with the EMA weights (default when the run keeps an EMA)")

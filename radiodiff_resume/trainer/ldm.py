@@ -40,9 +40,10 @@ class LatentDiffusionTrainer(Trainer):
         """On a fresh run: load the denoiser's pretrained part, if it has one, and, when it is measured
         (``scale_by_std`` without ``default_scale``), set ``scale_factor`` once, from all ranks.
 
-        A restored run (step > 0) keeps the weights and the value it was trained with.
+        A restored run keeps the weights and the value it was trained with, even at step 0 (a RadioDiff
+        ``{'model'}`` file imported as a fine-tune): only a run that loaded nothing is fresh.
         """
-        if self.state.step > 0:
+        if self.state.step > 0 or self.checkpointer.resumed_from is not None:
             logger.info(
                 "ldm: scale_factor %.6g restored from the checkpoint (the checkpoint's value wins on "
                 "resume; it is never recomputed)", float(self.ldm.scale_factor),

@@ -270,8 +270,18 @@ def test_user_errors_are_one_line_with_exit_2(run_cfg: Path, tmp_path: Path,
         capsys, [*base, "--checkpoint", str(missing), "--out", str(tmp_path / "a")])
     assert "no checkpoint in" in one_error(
         capsys, [*base, f"trainer.results_folder={tmp_path / 'empty'}", "--out", str(tmp_path / "b")])
-    assert "not yet supported: import it first with `radiodiff-resume import`" in one_error(
+    assert f"--weights {tmp_path / 'model-7.pt'} cannot be read (No such file or directory)" in one_error(
         capsys, [*base, "--weights", str(tmp_path / "model-7.pt")])
+    torch.save({"model": {"first_stage_model.encoder.conv_in.weight": torch.zeros(1),
+                          "model.init_conv.weight": torch.zeros(1)}}, tmp_path / "model-9.pt")
+    assert "model-9.pt holds RadioDiff's network, and this config builds model.unet.target=" in one_error(
+        capsys, [*base, "--weights", str(tmp_path / "model-9.pt")])
+    torch.save({"state": {}}, tmp_path / "model-10.pt")
+    assert "model-10.pt is not a RadioDiff LDM file" in one_error(
+        capsys, [*base, "--weights", str(tmp_path / "model-10.pt")])
+    os.mkfifo(tmp_path / "model-8.pt")  # would block a reader forever
+    assert "model-8.pt is a FIFO, not a regular file" in one_error(
+        capsys, [*base, "--weights", str(tmp_path / "model-8.pt")])
     assert "--split test: data.split: maps has no test split" in one_error(capsys, [*base, "--split", "test"])
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "notes.txt").write_text("mine")
@@ -313,9 +323,9 @@ def sample_options(*flags: str) -> Options:
 
 def test_a_radiodiff_sample_yaml_sets_evaluates_defaults_and_flags_win(
         capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(UserError, match=r"--weights .*/model-72\.pt: not yet supported"):
-        sample_options()  # sampler.ckpt_path is a RadioDiff LDM file
-    assert "model-72.pt: not yet supported" in one_error(
+    with pytest.raises(UserError, match=r"--weights .*/model-72\.pt cannot be read"):
+        sample_options()  # sampler.ckpt_path is a RadioDiff LDM file, not on this machine
+    assert "model-72.pt cannot be read" in one_error(
         capsys, ["evaluate", "--cfg", str(SAMPLE_YAML), "data.root=/data/RadioMapSeer"])
     o = sample_options("--checkpoint", "latest")
     assert (o.checkpoint, o.weights, o.ema, o.batch_size) == ("latest", None, False, 1)

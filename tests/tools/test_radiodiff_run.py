@@ -243,6 +243,31 @@ def test_import_places_every_tensor_of_the_file(imported: Imported, full_pt: Pat
     assert out.splitlines()[-1].startswith(f"resume with: radiodiff-resume train --cfg {LDM_YAML} ")
 
 
+# ----- evaluate the file itself and its import (before `train` goes on from the import) ---------------------
+
+
+def test_evaluate_weights_samples_the_file_as_its_import_does(imported: Imported, full_pt: Path,
+                                                             tmp_path: Path) -> None:
+    """``--weights model-N.pt`` loads the file as upstream's sample_cond_ldm.py does; its maps and scores
+    equal, bit for bit, those of the checkpoint ``import`` made of the same file."""
+    common = ["--cfg", LDM_YAML, *imported.overrides, "--split", "train", "--limit", "1",
+              "--sampling-timesteps", "1", "--online"]
+    by_file = cli("evaluate", *common, "--weights", full_pt, "--out", tmp_path / "file")
+    assert by_file.returncode == 0, by_file.stderr[-3000:]
+    by_import = cli("evaluate", *common, "--checkpoint", imported.results / "checkpoints" / "step-00012000",
+                    "--out", tmp_path / "import")
+    assert by_import.returncode == 0, by_import.stderr[-3000:]
+    a, b = tmp_path / "file", tmp_path / "import"
+    pngs = sorted(p.relative_to(a) for p in a.rglob("*.png"))
+    assert pngs and pngs == sorted(p.relative_to(b) for p in b.rglob("*.png"))
+    assert all((a / p).read_bytes() == (b / p).read_bytes() for p in pngs)
+    assert (a / "metrics.csv").read_text() == (b / "metrics.csv").read_text()
+    document = json.loads((a / "evaluate.json").read_text())
+    assert document["weights"]["source"] == "weights"
+    assert document["weights"]["step"] == STEP
+    assert document["weights"]["content"] == sha256_file(full_pt)[:16]
+
+
 # ----- one real step of `train` from it ------------------------------------------------------------
 
 
@@ -375,7 +400,7 @@ def test_export_of_the_trained_checkpoint_loads_by_upstreams_rules(continued: Pa
 def test_model_only_file_starts_a_fine_tune_at_step_0_and_exports_in_full(
         model_only_pt: Path, maps: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     results = tmp_path / "run"
-    overrides = run_overrides(results, maps, "model.unet.params.cond_weights=none")
+    overrides = run_overrides(results, maps)  # cond_weights=imagenet: train restores step 0, loads no Swin
     done = cli("import", model_only_pt, "--cfg", LDM_YAML, *overrides)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 0: a fine-tune from step 0, as RadioDiff's finetune.ckpt_path starts one" in done.stdout
@@ -390,6 +415,20 @@ def test_model_only_file_starts_a_fine_tune_at_step_0_and_exports_in_full(
     names = our_trainable()
     assert all(same(p, ours[n]) for n, p in zip(names, ckpt.shared["ema"]["shadow_params"], strict=True))
     assert [g["lr"] for g in ckpt.shared["optimizer"]["param_groups"]] == [upstream_lr(0)]
+
+    no_ema = cli("evaluate", "--cfg", LDM_YAML, *overrides, "--weights", model_only_pt, "--ema")
+    error = no_ema.stderr.strip().splitlines()[-1]
+    assert no_ema.returncode == 2 and "Traceback" not in no_ema.stderr, no_ema.stderr[-3000:]
+    assert error.startswith("error: evaluate --weights: model-60.pt holds no EMA to sample with --ema")
+    assert error.endswith("pass --online")
+    poisoned, bias = tmp_path / "model-61.pt", "model.init_conv_mask.first_coonv.0.bias"
+    torch.save({"model": {**src, bias: torch.full_like(src[bias], float("nan"))}}, poisoned)
+    nan = cli("evaluate", "--cfg", LDM_YAML, *overrides, "--weights", poisoned)
+    assert nan.returncode == 2 and "Traceback" not in nan.stderr, nan.stderr[-3000:]
+    assert nan.stderr.strip().splitlines()[-1].startswith(f"error: evaluate --weights: {poisoned}: tensor "
+                                                          "unet.init_conv_mask.first_coonv.0.bias of the "
+                                                          "online weights holds NaN/Inf")
+    poisoned.unlink()
 
     out = tmp_path / "back.pt"
     done = cli("export", results / "checkpoints" / "step-00000000", out)
@@ -414,19 +453,6 @@ def test_model_only_file_starts_a_fine_tune_at_step_0_and_exports_in_full(
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "sha256 mismatch" in err, err
     assert not out.exists()
-
-
-def test_weights_only_import_at_step_0_refuses_to_load_imagenet_over_them(
-        model_only_pt: Path, maps: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A step-0 checkpoint is a fresh start to ``train``, which loads cond_weights (the translation's
-    "imagenet") into the Swin: the import says so instead of letting it replace the imported weights."""
-    results = tmp_path / "run"
-    code = main(["import", str(model_only_pt), "--cfg", str(LDM_YAML), *run_overrides(results, maps)])
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1, err
-    assert "model.unet.params.cond_weights=imagenet into the Swin over the imported weights" in err
-    assert "--step-from-name" in err
-    assert not (results / "checkpoints").exists() and not (results / "first_stage").exists()
 
 
 def test_step_from_name_is_the_milestone_times_the_save_interval(full_pt: Path, maps: Path, tmp_path: Path,

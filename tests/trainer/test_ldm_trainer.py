@@ -94,6 +94,28 @@ def test_scale_factor_is_not_recomputed_when_a_later_step_is_restored(make_cfg, 
     assert float(fresh.ldm.scale_factor) != pytest.approx(0.123), "a fresh run computes its own"
 
 
+def test_a_checkpoint_at_step_0_is_restored_not_started_fresh(make_cfg) -> None:
+    """An imported ``{'model'}`` file is a verified checkpoint at step 0: ``train`` keeps its weights and
+    its scale_factor instead of measuring one (and loading ``cond_weights``) as on a fresh start."""
+    cfg = make_cfg("trainer.train_num_steps=1", "trainer.val_batches=0")
+    write_random_first_stage(cfg)
+    first = build_ldm_trainer(cfg, Accelerator())
+    first.ldm.set_scale_factor(0.123)
+    first.save_checkpoint()
+    assert first.checkpointer.last_saved_step == 0
+
+    again = build_ldm_trainer(cfg, Accelerator())
+    assert again.restore() is not None and again.state.step == 0
+    assert float(again.ldm.scale_factor) == pytest.approx(0.123)
+
+    other = make_cfg("trainer.train_num_steps=1", "trainer.val_batches=0",
+                     results=cfg.results_folder.parent / "b")
+    write_random_first_stage(other)
+    elsewhere = build_ldm_trainer(other, Accelerator())
+    assert elsewhere.restore() is None
+    assert float(elsewhere.ldm.scale_factor) != pytest.approx(0.123), "a fresh run measures its own"
+
+
 def test_missing_first_stage_is_an_error_unless_training_it_is_allowed(make_cfg) -> None:
     cfg = make_cfg("trainer.train_num_steps=1")
     with pytest.raises(UserError, match=r"ae\.safetensors not found .*train_if_missing=true"):
