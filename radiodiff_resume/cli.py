@@ -9,22 +9,22 @@ that halted to protect its state exits 4; a requested stop (checkpoint committed
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 import typing as tp
 
-from radiodiff_resume.errors import HaltError, StopRequested, UserError
+from radiodiff_resume.errors import (
+    EXIT_HALTED,
+    EXIT_STOPPED,
+    EXIT_USER_ERROR,
+    HaltError,
+    StopRequested,
+    UserError,
+)
+from radiodiff_resume.process import is_main_process, setup_logging
 from radiodiff_resume.slurm.environment import export_torch_env
 from radiodiff_resume.slurm.signals import STOP
 from radiodiff_resume.tools import convert_config, doctor, dry_run, evaluate, export, importer, report
 
-EXIT_USER_ERROR = 2
-EXIT_STOPPED = 3
-"""Stopped on request after committing a checkpoint; run the same command to resume."""
-EXIT_HALTED = 4
-"""Halted to protect the run's state (guards exhausted, a save refused or failed): resuming as is
-would meet the same problem, so a scheduler must not requeue it blindly."""
 EXIT_STATUS = {
     "train": "Exit 0: trained to trainer.train_num_steps; 2: a user error (config, data or files; one "
              "'error:' line, no traceback); 3: stopped on request (a signal) after committing a checkpoint: "
@@ -40,18 +40,6 @@ EXIT_STATUS = {
 }
 """What each verb's exit status means, at the end of its ``--help``; the other verbs say it in their
 own descriptions (``dry-run`` and ``doctor`` exit 1 when a check failed)."""
-
-
-def is_main_process() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
-
-
-def setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO if is_main_process() else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
 
 
 def train_parser(prog: str | None = None) -> argparse.ArgumentParser:

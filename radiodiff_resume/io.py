@@ -108,17 +108,28 @@ def append_line(path: Path, line: str) -> None:
 
 
 def json_objects(data: bytes) -> list[dict[str, tp.Any]]:
-    """The JSON objects of ``data``, one a line; a line that is not one (the last line of a process
-    killed mid-write, nesting too deep to parse) is skipped, never fatal."""
-    found = []
+    """The JSON objects of ``data``, one a line (see :func:`json_lines`)."""
+    return json_lines(data)[0]
+
+
+def json_lines(data: bytes, parse_constant: tp.Callable[[str], tp.Any] | None = None,
+               ) -> tuple[list[dict[str, tp.Any]], int]:
+    """The JSON objects of ``data``, one a line, and how many lines were not one (the last line of a
+    process killed mid-write, a torn write, nesting too deep to parse): skipped, never fatal.
+    ``parse_constant`` reads ``NaN``/``Infinity`` tokens (json's default: as floats)."""
+    found, bad = [], 0
     for raw in data.splitlines():
-        try:
-            value = json.loads(raw) if raw.strip() else None
-        except (ValueError, RecursionError):
+        if not raw.strip():
             continue
+        try:
+            value = json.loads(raw, parse_constant=parse_constant)
+        except (ValueError, RecursionError):
+            value = None
         if isinstance(value, dict):
             found.append(value)
-    return found
+        else:
+            bad += 1
+    return found, bad
 
 
 def fsync_dir(path: Path) -> None:

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from radiodiff_resume.checkpoint.restarts import RestartLedger
 from radiodiff_resume.errors import UserError
 from radiodiff_resume.events import EventLog
-from radiodiff_resume.tools.report import read_jsonl
+from radiodiff_resume.tools.report_data import read_jsonl
 from radiodiff_resume.trainer.runlog import RunLog
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,8 +7,9 @@ RadioDiff (UNIC-Lab/RadioDiff) saves plain ``torch.save`` dicts. ``train_vae.py`
 ``first_stage_model.*`` beside the conditional Swin U-Net under ``model.*``. The autoencoder is
 latent-diffusion's ``AutoencoderKL`` layout plus its training losses (LPIPS, discriminator); diffusers' own
 ``convert_ldm_vae_checkpoint`` renames that layout to ``diffusers.AutoencoderKL``, which is our first stage.
-The file is read with torch's weights-only unpickler (:func:`~radiodiff_resume.tools.importer.load_pickled`,
-torch >= 2.10): one that would run code is refused before any of it runs.
+The file is read with torch's weights-only unpickler
+(:func:`~radiodiff_resume.compat.torch_files.load_pickled`, torch >= 2.10): one that would run code is
+refused before any of it runs.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from radiodiff_resume.compat.torch_files import Tensors, load_pickled, strip_wrappers
 from radiodiff_resume.errors import UserError
-from radiodiff_resume.tools.importer import Tensors, load_pickled, strip_wrappers
 
 if tp.TYPE_CHECKING:
     from radiodiff_resume.config import Config

@@ -11,7 +11,7 @@ the autoencoder's three LPIPS/discriminator training losses. ``opt`` is AdamW ov
 (``online_model.*`` is ``model`` itself, ``ema_model.*`` its average, ``step`` its update calls = optimizer
 steps, ``initted``).
 
-Everything our checkpoint holds is placed by :class:`~radiodiff_resume.tools.importer.LdmImport`, by name.
+Everything our checkpoint holds is placed by :class:`~radiodiff_resume.compat.ldm_import.LdmImport`, by name.
 The rest — ``model``'s tensors above and ``ema_model.*`` outside our EMA (the first stage, buffers, frozen
 parameters) — are *passengers*: saved unchanged in ``<results_folder>/radiodiff/passengers.safetensors``
 with the file's layout (every key, shape, dtype, where it went; the optimizer's parameter order; the
@@ -33,6 +33,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from radiodiff_resume.compat.ldm_import import (
+    LdmImport,
+    Source,
+    Weights,
+    import_into_ldm,
+    refuse_existing_run,
+    resume_command,
+)
 from radiodiff_resume.compat.radiodiff_ckpt import (
     LDM_DENOISER,
     LDM_FIRST_STAGE,
@@ -43,8 +51,8 @@ from radiodiff_resume.compat.radiodiff_ckpt import (
     split,
     to_diffusers,
 )
+from radiodiff_resume.compat.torch_files import Tensors
 from radiodiff_resume.errors import UserError
-from radiodiff_resume.tools.importer import LdmImport, Source, Tensors, Weights
 
 if tp.TYPE_CHECKING:
     from radiodiff_resume.config import Config
@@ -423,10 +431,8 @@ def source_of(run: RunFile, cfg: Config, step: int, described: list[str]) -> Sou
 
 def import_run(src: Path, ckpt: dict[str, tp.Any], cfg: Config, args: argparse.Namespace) -> list[str]:
     """The first stage's weights (when missing), then one verified checkpoint through
-    :func:`~radiodiff_resume.tools.importer.import_into_ldm`, then the passengers; on failure nothing of
+    :func:`~radiodiff_resume.compat.ldm_import.import_into_ldm`, then the passengers; on failure nothing of
     what this wrote stays."""
-    from radiodiff_resume.tools.importer import import_into_ldm, refuse_existing_run, resume_command
-
     if args.force:
         raise UserError("import: --force is for RadioDiff first-stage imports; importing a run never writes "
                         "over one (pass --out with a new results folder)")

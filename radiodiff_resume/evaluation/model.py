@@ -81,7 +81,7 @@ def _from_weights(cfg: Config, accelerator: Accelerator, path: Path,
 
     from radiodiff_resume.build import build_first_stage, build_ldm
     from radiodiff_resume.compat.radiodiff_ldm import sampling_state, sha256_of
-    from radiodiff_resume.tools.importer import load_pickled
+    from radiodiff_resume.compat.torch_files import load_pickled
 
     try:
         ckpt = load_pickled(path, mmap=True)

@@ -294,7 +294,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    from radiodiff_resume.tools.importer import load_pickled  # the one reader of foreign pickles
+    from radiodiff_resume.compat.torch_files import load_pickled  # the one reader of foreign pickles
 
     state = load_pickled(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -23,9 +23,8 @@ import sys
 import typing as tp
 from pathlib import Path
 
-from radiodiff_resume.cli import EXIT_STOPPED
 from radiodiff_resume.config import Config, build_config, to_dict
-from radiodiff_resume.errors import StopRequested, UserError
+from radiodiff_resume.errors import EXIT_STOPPED, StopRequested, UserError
 from radiodiff_resume.io import read_regular, write_text_atomic
 from radiodiff_resume.slurm.environment import job_id, requeue, time_left_s
 from radiodiff_resume.slurm.signals import STOP
@@ -60,7 +59,7 @@ class TrainJob:
         if env.num_tasks > 1:
             # CUDA_VISIBLE_DEVICES stays: accelerate picks cuda:LOCAL_RANK among the node's GPUs.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        from radiodiff_resume.cli import setup_logging
+        from radiodiff_resume.process import setup_logging
         from radiodiff_resume.run import train
 
         setup_logging()

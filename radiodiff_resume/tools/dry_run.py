@@ -298,9 +298,9 @@ def private_caches() -> tp.Iterator[None]:
 
 
 def cmd_dry_run(args: argparse.Namespace) -> int:
-    from radiodiff_resume.cli import is_main_process
     from radiodiff_resume.config import load_config
     from radiodiff_resume.errors import UserError
+    from radiodiff_resume.process import is_main_process
 
     if args.steps < 0:
         raise UserError(f"--steps {args.steps}: must be 0 or more")

@@ -311,7 +311,7 @@ def write(data: dict[str, tp.Any], out: Path) -> None:
 
 def read_back(out: Path, layout: dict[str, tp.Any]) -> int:
     """The file as RadioDiff reads it (weights only here), against the layout; its size."""
-    from radiodiff_resume.tools.importer import load_pickled
+    from radiodiff_resume.compat.torch_files import load_pickled
 
     data = load_pickled(out, mmap=True)
     wrong = [] if list(data) == layout["top"] else ["top-level keys"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from radiodiff_resume.errors import UserError
-from radiodiff_resume.tools.report import (
+from radiodiff_resume.tools.report_data import (
     STEP_FOLDER,
     STEPS_KEY,
     VAL_BOOKKEEPING,

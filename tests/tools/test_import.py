@@ -268,7 +268,7 @@ def test_a_plain_pickle_is_not_said_to_run_code(source: Source, tmp_path: Path,
     ("2.10.0", False), ("2.10.1+cu128", False), ("2.13.0+cpu", False), ("3.0.0", False),
 ])
 def test_foreign_pickles_need_a_torch_without_known_bypasses(version: str, refused: bool) -> None:
-    from radiodiff_resume.tools.importer import unpickler_refusal
+    from radiodiff_resume.compat.torch_files import unpickler_refusal
 
     reason = unpickler_refusal(version)
     assert (reason is not None) == refused

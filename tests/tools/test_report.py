@@ -27,7 +27,8 @@ from radiodiff_resume.config import build_config
 from radiodiff_resume.errors import StopRequested
 from radiodiff_resume.run import train
 from radiodiff_resume.slurm.signals import STOP
-from radiodiff_resume.tools.report import load_run, report, summarize
+from radiodiff_resume.tools.report import report
+from radiodiff_resume.tools.report_data import load_run, summarize
 from radiodiff_resume.tools.report_plot import build_figure
 from radiodiff_resume.trainer import LatentDiffusionTrainer
 from tests.checkpoint.helpers import torch_threads, truncate
