@@ -68,10 +68,11 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> None:
     from radiodiff_resume.config import load_config
+    from radiodiff_resume.run import train
     from radiodiff_resume.slurm.submit import submit
 
     cfg = load_config(args.cfg, args.overrides)
-    job = submit(cfg, local=args.local)
+    job = submit(cfg, train, local=args.local)
     print(f"submitted job {job.job_id} ({'local' if args.local else 'SLURM'}); "
           f"logs: {job.paths.stdout} and {job.paths.stderr}; results: {cfg.results_folder}", flush=True)
     if args.local:

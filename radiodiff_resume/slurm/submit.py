@@ -1,7 +1,8 @@
 """``radiodiff-resume submit``: the training job through submitit, requeued until it is done.
 
-What submitit pickles is :class:`TrainJob`: the resolved config as plain data and the working
-folder, nothing else. A requeued job builds everything again and finds its state through
+What submitit pickles is :class:`TrainJob`: the resolved config as plain data, the working
+folder and the training function (by name: the CLI passes ``radiodiff_resume.run.train``, so this
+layer never imports the run), nothing else. A requeued job builds everything again and finds its state through
 checkpoint discovery, so it can never replay a stale model or trainer.
 
 The stop is ours, not submitit's: submitit's own handler would call ``checkpoint()`` inside the
@@ -44,11 +45,12 @@ to the lead counts as a time limit."""
 
 
 class TrainJob:
-    """The submitted callable: the config and the working folder, nothing else."""
+    """The submitted callable: the config, the working folder and the function that trains."""
 
-    def __init__(self, config: dict[str, tp.Any], cwd: str) -> None:
+    def __init__(self, config: dict[str, tp.Any], cwd: str, train: tp.Callable[[Config], tp.Any]) -> None:
         self.config = config
         self.cwd = cwd
+        self.train = train
 
     def __call__(self) -> None:
         import submitit
@@ -60,12 +62,11 @@ class TrainJob:
             # CUDA_VISIBLE_DEVICES stays: accelerate picks cuda:LOCAL_RANK among the node's GPUs.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
         from radiodiff_resume.process import setup_logging
-        from radiodiff_resume.run import train
 
         setup_logging()
         cfg = build_config(self.config, source="the submitted job")
         try:
-            train(cfg)
+            self.train(cfg)
         except StopRequested as exc:
             logger.warning("%s", exc)
             if env.global_rank == 0:
@@ -83,7 +84,7 @@ class TrainJob:
         """A fresh submission of the same config (no state: the next run discovers it)."""
         import submitit
 
-        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.cwd))
+        return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.cwd, self.train))
 
     def requeue(self, cfg: Config, env: tp.Any) -> None:
         """Put the job back in the queue, unless it reached its time limit too often."""
@@ -136,11 +137,11 @@ def make_executor(cfg: Config, local: bool) -> tp.Any:
     return executor
 
 
-def submit(cfg: Config, local: bool = False) -> tp.Any:
-    """Submit the job; returns the submitit job."""
+def submit(cfg: Config, train: tp.Callable[[Config], tp.Any], local: bool = False) -> tp.Any:
+    """Submit the job that runs ``train(cfg)``; returns the submitit job."""
     cfg.results_folder.mkdir(parents=True, exist_ok=True)
     executor = make_executor(cfg, local)
-    job = executor.submit(TrainJob(to_dict(cfg), os.getcwd()))
+    job = executor.submit(TrainJob(to_dict(cfg), os.getcwd(), train))
     template = log_folder(cfg) / "%j"  # submitit creates its folder pattern literally too
     if template.is_dir() and not any(template.iterdir()):
         template.rmdir()
