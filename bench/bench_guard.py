@@ -300,7 +300,7 @@ def breakdown_targets(t: LatentDiffusionTrainer, variant: str) -> list[tuple[obj
         *targets,
         (g, "check_batch", "check_batch: rest (mask `.all()`, put-back check, bookkeeping)"),
         (g.norm_stats, "snapshot", "BN snapshot (copy of the running statistics)"),
-        (policy_mod, "finite_batch", "batch check (isfinite + where per tensor)"),
+        (policy_mod, "checked_batch", "batch check (isfinite, magnitude bound + where per tensor)"),
         (g, "check_loss", "loss check (isfinite, masked sums, where)"),
         (g, "optimizer_step", "decision: stack + the one read (`tolist`) + bookkeeping"),
         (policy_mod, "grads_of", "gradient list + total norm"),

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from radiodiff_resume.errors import ConfigError
 from radiodiff_resume.slurm.signals import signal_number
+from radiodiff_resume.trees import leaves
 
 MIXED_PRECISIONS = ("no", "fp16", "bf16")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -318,6 +319,10 @@ class LossGuardConfig:
     """Accepted losses the mean and deviation are taken over."""
     warmup: int = 20
     """Accepted losses needed before spikes are detected."""
+    rebaseline_after: int | None = 10
+    """After this many steps in a row skipped as spikes with a finite gradient norm at or below the
+    clip threshold, the window is refilled with their losses: a lasting change of the loss level is
+    accepted (null: never; acts only below ``rollback.max_consecutive_skips``)."""
 
 
 @dataclass
@@ -388,6 +393,9 @@ class GuardConfig:
     nonfinite_grads: str = "skip"
     """``skip``: no optimizer, LR, EMA or step advance; ``scrub``: set non-finite entries to 0,
     then clip and step."""
+    max_abs_input: float | None = 1.0e4
+    """A sample holding a floating value of larger magnitude is left out as a NaN/Inf one is (large
+    but finite inputs would reach BatchNorm's running statistics); null: only NaN/Inf."""
     loss: LossGuardConfig = field(default_factory=LossGuardConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
     norm_stats: NormStatsConfig = field(default_factory=NormStatsConfig)
@@ -479,7 +487,7 @@ def load_config(path: str | Path, overrides: tp.Sequence[str] = ()) -> Config:
 
     raw = OmegaConf.to_container(user)
     if radiodiff.is_radiodiff(raw):  # translated first, so overrides apply to our keys
-        ours, report = radiodiff.translate(tp.cast(dict, raw))
+        ours, report = radiodiff.translate(tp.cast(dict, raw), Config)
         radiodiff.log_report(report, str(path), tp.cast(dict, raw))
         return build_config(ours, overrides, source=f"{path}, translated from RadioDiff's format")
     return build_config(user, overrides, source=str(path))
@@ -777,11 +785,15 @@ def _check_guard(g: GuardConfig, need: tp.Callable[[bool, str, tp.Any, str], Non
     need(g.profile in GUARD_PROFILES, "guard.profile", g.profile, ", ".join(GUARD_PROFILES))
     need(g.nonfinite_grads in NONFINITE_GRADS, "guard.nonfinite_grads", g.nonfinite_grads,
          ", ".join(NONFINITE_GRADS))
+    need(g.max_abs_input is None or 0 < g.max_abs_input < math.inf, "guard.max_abs_input", g.max_abs_input,
+         "a finite value > 0, or null")
     lo = g.loss
     need(lo.spike_zscore is None or lo.spike_zscore > 0, "guard.loss.spike_zscore", lo.spike_zscore,
          "> 0, or null to disable")
     need(lo.window >= 2, "guard.loss.window", lo.window, ">= 2")
     need(1 <= lo.warmup <= lo.window, "guard.loss.warmup", lo.warmup, f"1 .. guard.loss.window ({lo.window})")
+    need(lo.rebaseline_after is None or lo.rebaseline_after >= 1, "guard.loss.rebaseline_after",
+         lo.rebaseline_after, ">= 1, or null")
     c = g.clip
     need(c.mode in CLIP_MODES, "guard.clip.mode", c.mode, ", ".join(CLIP_MODES))
     need(c.zscore > 0, "guard.clip.zscore", c.zscore, "> 0")
@@ -907,15 +919,3 @@ def config_changes(
 def jsonable(value: tp.Any) -> tp.Any:
     """A config value for an event record: :data:`ABSENT` becomes ``None``."""
     return None if value is ABSENT else value
-
-
-def leaves(tree: tp.Mapping[str, tp.Any], prefix: str = "") -> dict[str, tp.Any]:
-    """Dotted key → value of every leaf (an empty mapping is a leaf too), in the tree's order."""
-    out: dict[str, tp.Any] = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(leaves(value, f"{path}."))
-        else:
-            out[path] = value
-    return out

@@ -41,3 +41,7 @@ def test_a_lower_layer_importing_the_trainer_is_found(tmp_path: Path) -> None:
     assert check_imports.problems(root) == [
         "upward import: radiodiff_resume.guard.x → radiodiff_resume.run (guard/ never imports trainer, run, "
         "cli)"]
+
+
+def test_the_package_has_no_circle_and_no_upward_import() -> None:
+    assert check_imports.problems(REPO) == []

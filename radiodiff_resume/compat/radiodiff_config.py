@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from radiodiff_resume.config import Config, leaves
 from radiodiff_resume.errors import ConfigError
+from radiodiff_resume.trees import leaves
 
 logger = logging.getLogger(__name__)
 
@@ -146,14 +146,15 @@ def _first_stage_only(raw: tp.Mapping[str, tp.Any]) -> bool:
     return _has(raw, "model.ddconfig")
 
 
-def translate(raw: tp.Mapping[str, tp.Any]) -> tuple[dict[str, tp.Any], list[Line]]:
-    """Our raw config mapping for RadioDiff's ``raw``, and the report: one line per RadioDiff key (in
-    file order), then the RadioDiff code defaults carried over.
+def translate(raw: tp.Mapping[str, tp.Any], schema: type) -> tuple[dict[str, tp.Any], list[Line]]:
+    """Our raw config mapping for RadioDiff's ``raw``, its keys in the order of ``schema`` (our config's
+    dataclass, passed in so that this module never imports the config it feeds), and the report: one line
+    per RadioDiff key (in file order), then the RadioDiff code defaults carried over.
 
     Raises :class:`ConfigError` for what RadioDiff itself needs and ``raw`` lacks.
     """
     out, lines = _Translation(raw).run()
-    return _ordered(out, Config), lines
+    return _ordered(out, schema), lines
 
 
 def summary(lines: tp.Sequence[Line]) -> str:

@@ -8,6 +8,9 @@ samples, scrubbing) may read more; a clean step never does.
 Skip means skip: no optimizer step (so no Adam moment decay and no weight decay), no LR
 schedule, EMA or step-counter advance, running statistics put back; under fp16 the
 GradScaler has unscaled first, so it still sees an overflow and backs off.
+
+Sharded training (FSDP, DeepSpeed, Megatron-LM) is refused: each rank would hold a shard of the
+gradients and judge it as the whole.
 """
 
 from __future__ import annotations
@@ -20,15 +23,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 
 from radiodiff_resume.config import GuardConfig
 from radiodiff_resume.dist import Ranks
-from radiodiff_resume.errors import HaltError
+from radiodiff_resume.errors import HaltError, UserError
 from radiodiff_resume.events import EventLog
 from radiodiff_resume.guard.clipping import Clipper, grads_of, scale_grads, scrub_grads, total_norm
 from radiodiff_resume.guard.norm_stats import NormStats, apply_stability_settings
-from radiodiff_resume.guard.sanitize import finite_batch
+from radiodiff_resume.guard.sanitize import CLEAN, NONFINITE, TOO_LARGE, checked_batch
 from radiodiff_resume.guard.spike import LossWindow
 
 logger = logging.getLogger(__name__)
@@ -36,6 +40,24 @@ logger = logging.getLogger(__name__)
 COUNTERS = ("batches_skipped", "steps_skipped", "grads_scrubbed", "grads_clipped", "adaptive_clips",
             "bn_repaired", "rollbacks")
 """Cumulative counts of guard actions, kept in the train state and logged."""
+
+ROUTINE_SCALE = 1.0
+"""Non-finite gradients at an fp16 loss scale above this may be the scale's own doing (GradScaler backs
+off: a routine skip); at or below it the unscaled gradients themselves do not fit."""
+
+SHARDED = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed",
+           DistributedType.MEGATRON_LM: "Megatron-LM"}
+"""accelerate's set-ups that shard gradients across processes."""
+
+
+def refuse_sharded(accelerator: Accelerator, stage: str) -> None:
+    """Raise :class:`UserError` when ``accelerator`` shards gradients: the guards take one norm over,
+    scrub and clip whole gradients on every rank, and would judge a shard as the whole."""
+    name = SHARDED.get(accelerator.distributed_type)
+    if name is not None:
+        raise UserError(f"{stage}: accelerate is set up for {name}, which shards gradients across processes; "
+                        "the numerical guards need whole gradients on every rank: use DDP (`accelerate "
+                        f"launch --multi_gpu`, or `accelerate config` without {name})")
 
 
 class GuardHalt(HaltError):
@@ -52,7 +74,8 @@ class StepOutcome:
     grad_norm: float | None
     """Total gradient norm before clipping (None when the guards are off: never read)."""
     reason: str | None = None
-    """Why the step was skipped: ``batch``, ``loss``, ``spike``, ``grads`` or ``scaler``."""
+    """Why the step was skipped: ``batch``, ``loss``, ``spike``, ``grads`` or ``scaler`` (a routine fp16
+    loss-scale overflow)."""
 
 
 class Guard:
@@ -80,6 +103,9 @@ class Guard:
         self.losses = LossWindow(cfg.loss, device)
         self.counts = dict.fromkeys(COUNTERS, 0)
         self.consecutive_skips = 0
+        """Skipped steps in a row (routine loss-scale overflows not counted)."""
+        self.spike_skips = 0
+        """How many of those were loss spikes."""
         self.rollbacks_since_save = 0
         self.rolled_back_to: list[Path] = []
         """The checkpoints rolled back to since the last commit, oldest last. Each one but the last led
@@ -97,14 +123,15 @@ class Guard:
         zero = torch.zeros((), device=self.device)
         self._kept, self._loss_sum, self._loss_bad = zero.clone(), zero.clone(), zero.clone()
         self._micro = 0
-        self._sample_masks: list[torch.Tensor] = []
+        self._sample_codes: list[torch.Tensor] = []
         self._names: list[tp.Any] = []
         self._batch_ok = torch.ones((), dtype=torch.bool, device=self.device)
         self._losses: list[torch.Tensor] = []
 
     def check_batch(self, batch: dict[str, tp.Any]) -> dict[str, tp.Any]:
-        """The batch with non-finite values replaced by 0 (so the forward stays finite); whether it
-        was clean is remembered for :meth:`check_loss`. Snapshots the running statistics."""
+        """The batch with NaN/Inf and values beyond ``max_abs_input`` replaced by 0 (so the forward stays
+        finite); whether it was clean is remembered for :meth:`check_loss`. Snapshots the running
+        statistics."""
         if not self.enabled:
             return batch
         self._put_back_stats()
@@ -114,12 +141,12 @@ class Guard:
             else:
                 self._micro_snapshot = self.norm_stats.snapshot(self._micro_snapshot)
         self._micro += 1
-        clean, ok = finite_batch(batch)
-        if ok is None:
+        clean, codes = checked_batch(batch, self.cfg.max_abs_input)
+        if codes is None:
             return clean
-        self._sample_masks.append(ok)
+        self._sample_codes.append(codes)
         self._names.append(batch.get("name"))
-        self._batch_ok = ok.all()
+        self._batch_ok = (codes == CLEAN).all()
         return clean
 
     def check_loss(self, loss: torch.Tensor) -> torch.Tensor:
@@ -139,12 +166,21 @@ class Guard:
         self._batch_ok = torch.ones((), dtype=torch.bool, device=self.device)
         return torch.where(use, loss, torch.zeros_like(loss))
 
-    def _put_back_stats(self) -> None:
-        """The statistics from before the last micro-batch, where that micro-batch was rejected."""
-        if self._rejected is not None:
-            snapshot = self._step_snapshot if self._micro == 1 else self._micro_snapshot
-            self.norm_stats.restore_where(self._rejected, tp.cast(list, snapshot))
-            self._rejected = None
+    def _put_back_stats(self, agreed: torch.Tensor | None = None) -> None:
+        """The statistics from before the last micro-batch, where that micro-batch was rejected on any
+        rank (``agreed``: that flag, already reduced; else one small all-reduce here). Every rank
+        decides alike, so statistics that ranks share (SyncBatchNorm) never keep a rejected batch."""
+        if self._rejected is None:
+            return
+        if agreed is None:
+            agreed = self._rejected
+            if self.ranks.world > 1:
+                flag = agreed.float()
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # device collective
+                agreed = flag > 0
+        snapshot = self._step_snapshot if self._micro == 1 else self._micro_snapshot
+        self.norm_stats.restore_where(agreed, tp.cast(list, snapshot))
+        self._rejected = None
 
     # ----- the optimizer step ------------------------------------------------------
     def optimizer_step(self, optimizer: torch.optim.Optimizer, step: int) -> StepOutcome:
@@ -165,15 +201,11 @@ class Guard:
         return StepOutcome(not skipped, torch.stack(self._losses).mean(), None, "scaler" if skipped else None)
 
     def _guarded_step(self, optimizer: torch.optim.Optimizer, step: int) -> StepOutcome:
-        self._put_back_stats()
         inner = tp.cast(torch.optim.Optimizer, getattr(optimizer, "optimizer", optimizer))
         scaler = self.accelerator.scaler
         if scaler is not None:
             scaler.unscale_(inner)  # records found_inf: the scaler sees an overflow before any scrub
-        stats = torch.stack([self._kept, self._loss_sum, self._loss_bad])
-        if self.ranks.world > 1:
-            torch.distributed.all_reduce(stats)  # a device collective, not a host sync
-        kept, loss_sum, loss_bad = stats.unbind()
+        kept, loss_sum, loss_bad = self._reduce_micro_batches()
         micro_total = self.ranks.world * self._micro
         loss = loss_sum / kept.clamp_min(1)
         spike = self.losses.is_spike(loss)
@@ -181,26 +213,23 @@ class Guard:
         grads = grads_of(self.params)
         norm = total_norm(grads).to(self.device) * factor
         threshold = self.clipper.threshold(norm)
-        verdict = torch.stack([kept, loss_bad, spike.float(), norm, threshold, loss]).tolist()  # the one sync
-        kept_n, bad_losses, is_spike, norm_v, threshold_v, loss_v = verdict
+        read = [kept, loss_bad, spike.float(), norm, threshold, loss]
+        scale_t = None if scaler is None else scaler._get_scale_async()  # the loss scale this step ran with
+        if scale_t is not None:
+            read.append(scale_t.to(self.device))
+        verdict = torch.stack(read).tolist()  # the one sync
+        kept_n, bad_losses, is_spike, norm_v, threshold_v, loss_v, *scale = verdict
         rejected = micro_total - int(kept_n) - int(bad_losses)
         if rejected:
             self._report_batches(step, rejected)
-        reason = None
-        if bad_losses > 0 or not math.isfinite(loss_v):
-            reason = "loss"
-        elif kept_n == 0:
-            reason = "batch"
-        elif is_spike:
-            reason = "spike"
-        elif not math.isfinite(norm_v):
-            if self.cfg.nonfinite_grads == "scrub":
-                norm, threshold = self._scrub(grads, factor, step)
-                norm_v, threshold_v = torch.stack([norm, threshold]).tolist()  # the fault path reads again
-            else:
-                reason = "grads"
+        reason = self._skip_reason(bad_losses, loss_v, kept_n, is_spike, norm_v, scale[0] if scale else None)
         if reason is not None:
-            return self._skip(step, reason, loss, norm_v, loss_v if kept_n else None, scaler)
+            outcome = self._skip(step, reason, loss, norm_v, loss_v if kept_n else None, scaler)
+            self._spike_run(step, reason, loss_v, math.isfinite(norm_v) and norm_v <= threshold_v)
+            return outcome
+        if not math.isfinite(norm_v):  # guard.nonfinite_grads=scrub
+            norm, threshold = self._scrub(grads, factor, step)
+            norm_v, threshold_v = torch.stack([norm, threshold]).tolist()  # the fault path reads again
         scale_grads(grads, self.clipper.coefficient(norm, threshold) * factor)
         if self.cfg.clip.mode == "agc":
             self._agc_units += self.clipper.apply_agc(self.params)
@@ -210,8 +239,34 @@ class Guard:
         inner.step()
         if scaler is not None:
             scaler.update()
-        self.consecutive_skips = 0
+        self.consecutive_skips = self.spike_skips = 0
         return StepOutcome(True, loss, norm_v)
+
+    def _reduce_micro_batches(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Kept micro-batches, the sum of their losses and the non-finite losses, over all ranks (one
+        small all-reduce, a device collective, not a host sync); the last micro-batch's running
+        statistics put back where it was rejected on any rank (the flag rides on the same reduce)."""
+        last = torch.zeros((), device=self.device) if self._rejected is None else self._rejected.float()
+        stats = torch.stack([self._kept, self._loss_sum, self._loss_bad, last])
+        if self.ranks.world > 1:
+            torch.distributed.all_reduce(stats)
+        kept, loss_sum, loss_bad, rejected = stats.unbind()
+        self._put_back_stats(rejected > 0)
+        return kept, loss_sum, loss_bad
+
+    def _skip_reason(self, bad_losses: float, loss: float, kept: float, spike: float, norm: float,
+                     scale: float | None) -> str | None:
+        """Why the step is skipped, from the one read (None: it is taken; non-finite gradients too
+        under ``nonfinite_grads: scrub``)."""
+        if bad_losses > 0 or not math.isfinite(loss):
+            return "loss"
+        if kept == 0:
+            return "batch"
+        if spike:
+            return "spike"
+        if math.isfinite(norm) or self.cfg.nonfinite_grads == "scrub":
+            return None
+        return "scaler" if scale is not None and scale > ROUTINE_SCALE else "grads"
 
     def _scrub(self, grads: list[torch.Tensor], factor: torch.Tensor,
                step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,18 +280,39 @@ class Guard:
 
     def _skip(self, step: int, reason: str, loss: torch.Tensor, norm: float, loss_v: float | None,
               scaler: torch.amp.GradScaler | None) -> StepOutcome:
+        """Skip the step: statistics put back, the scaler updated, counted (toward a rollback too,
+        unless a routine loss-scale overflow), reported."""
         if self.norm_stats and self._step_snapshot is not None:
             self.norm_stats.restore(self._step_snapshot)
         if scaler is not None:
             scaler.update()  # backs off when unscale_ found an overflow
         self.counts["steps_skipped"] += 1
-        self.consecutive_skips += 1
+        routine = reason == "scaler"
+        if not routine:
+            self.consecutive_skips += 1
+            self.spike_skips += reason == "spike"
         self.events.emit("step_skipped", stage=self.stage, step=step, rank=self.ranks.rank, reason=reason,
                          loss=_number(loss_v), grad_norm=_number(norm),
                          consecutive=self.consecutive_skips)
-        logger.warning("%s step %d: optimizer step skipped (%s; loss %s, grad norm %s), %d in a row",
-                       self.stage, step, reason, _number(loss_v), _number(norm), self.consecutive_skips)
+        note = " (a routine fp16 loss-scale overflow, not counted: the scaler backs off)" if routine else ""
+        logger.log(logging.INFO if routine else logging.WARNING,
+                   "%s step %d: optimizer step skipped (%s; loss %s, grad norm %s), %d in a row%s",
+                   self.stage, step, reason, _number(loss_v), _number(norm), self.consecutive_skips, note)
         return StepOutcome(False, loss, norm, reason)
+
+    def _spike_run(self, step: int, reason: str, loss: float, healthy: bool) -> None:
+        """A skipped spike (``healthy``: finite, unclipped gradient norm) counts toward a new loss level,
+        any other skip ends the run; say so when the window takes the new level."""
+        if reason != "spike":
+            self.losses.spike_run.clear()
+            return
+        level = self.losses.skipped_spike(loss, healthy)
+        if level is not None:
+            after = self.cfg.loss.rebaseline_after
+            self.events.emit("loss_rebaselined", stage=self.stage, step=step, rank=self.ranks.rank,
+                             spikes=after, level=level)
+            logger.warning("%s step %d: %d loss spikes in a row with finite, unclipped gradients: the loss "
+                           "window now holds their level (mean %.4g)", self.stage, step, after, level)
 
     def _note_clip(self, step: int, norm: float, threshold: float) -> None:
         if norm <= threshold:
@@ -249,24 +325,54 @@ class Guard:
                              grad_norm=norm, threshold=threshold, mode="zscore")
 
     def _report_batches(self, step: int, skipped: int) -> None:
-        """Name the rejected samples of every rank in one event (the fault path: reads masks)."""
+        """Name the rejected samples of every rank in one event, those that were finite but too large
+        apart (the fault path: reads the fault codes)."""
         local = []
-        for mask, names in zip(self._sample_masks, self._names, strict=True):
-            for i, ok in enumerate(mask.tolist()):
-                if not ok:
-                    local.append(names[i] if isinstance(names, (list, tuple)) else f"sample {i}")
+        for codes, names in zip(self._sample_codes, self._names, strict=True):
+            for i, code in enumerate(codes.tolist()):
+                if code != CLEAN:
+                    local.append((names[i] if isinstance(names, (list, tuple)) else f"sample {i}", code))
         per_rank = self.ranks.gather(local)
         self.counts["batches_skipped"] += skipped
-        samples = {f"rank {r}": names for r, names in enumerate(per_rank) if names}
+        samples = _by_rank(per_rank, {TOO_LARGE, NONFINITE})
+        too_large = _by_rank(per_rank, {TOO_LARGE})
         self.events.emit("batch_skipped", stage=self.stage, step=step, rank=self.ranks.rank,
-                         micro_batches=skipped, samples=samples)
-        logger.warning("%s step %d: %d micro-batch(es) with non-finite values left out: %s", self.stage,
-                       step, skipped, samples)
+                         micro_batches=skipped, samples=samples, too_large=too_large)
+        logger.warning("%s step %d: %d micro-batch(es) left out for NaN/Inf values or values beyond "
+                       "guard.max_abs_input=%s: %s (too large: %s)", self.stage, step, skipped,
+                       self.cfg.max_abs_input, samples, too_large or "none")
 
     # ----- escalation --------------------------------------------------------------
     @property
     def wants_rollback(self) -> bool:
         return self.enabled and self.consecutive_skips >= self.cfg.rollback.max_consecutive_skips
+
+    @property
+    def spike_driven(self) -> bool:
+        """Every skip of the current run of skips was a loss spike."""
+        return 0 < self.consecutive_skips == self.spike_skips
+
+    def skip_run(self) -> str:
+        """Why the skips call for a rollback, in words."""
+        why = f"{self.consecutive_skips} optimizer steps skipped in a row"
+        return f"{why}, all as loss spikes" if self.spike_driven else why
+
+    def spike_advice(self) -> str:
+        """What to do when loss spikes alone led to a halt."""
+        lo, skips = self.cfg.loss, self.cfg.rollback.max_consecutive_skips
+        after = lo.rebaseline_after
+        if after is None:
+            accepts = "never accepts a new loss level (guard.loss.rebaseline_after is null)"
+        elif after >= skips:
+            accepts = (f"accepts a new loss level after {after} spikes in a row "
+                       f"(guard.loss.rebaseline_after), but rolls back after {skips} "
+                       "(guard.rollback.max_consecutive_skips)")
+        else:
+            accepts = (f"accepts a new loss level after {after} spikes in a row with a finite, unclipped "
+                       "gradient norm (guard.loss.rebaseline_after)")
+        return (f"each of those losses lay more than guard.loss.spike_zscore={lo.spike_zscore} deviations "
+                f"above the recent ones, and the guard {accepts}; if the loss level changed for good, raise "
+                "guard.loss.spike_zscore or lower guard.loss.rebaseline_after, else lower trainer.lr")
 
     def may_roll_back(self) -> bool:
         return self.rollbacks_since_save < self.cfg.rollback.max_rollbacks
@@ -279,14 +385,15 @@ class Guard:
         self.counts["rollbacks"] += 1
         self.rollbacks_since_save = carried["rollbacks_since_save"] + 1
         self.lr_scale = carried["lr_scale"] * self.cfg.rollback.lr_scale
-        self.consecutive_skips = 0
+        self.consecutive_skips = self.spike_skips = 0
 
     def carried(self) -> dict[str, tp.Any]:
         return {"counts": dict(self.counts), "rollbacks_since_save": self.rollbacks_since_save,
                 "lr_scale": self.lr_scale}
 
     def saved(self) -> None:
-        """A new checkpoint committed: rollbacks are counted afresh from it."""
+        """A new checkpoint is being committed: rollbacks are counted afresh from it (called before its
+        state is taken, so it records none)."""
         self.rollbacks_since_save = 0
         self.rolled_back_to.clear()
 
@@ -325,16 +432,25 @@ class Guard:
 
     def state_dict(self) -> dict[str, tp.Any]:
         return {"counts": dict(self.counts), "consecutive_skips": self.consecutive_skips,
-                "rollbacks_since_save": self.rollbacks_since_save, "lr_scale": self.lr_scale,
+                "spike_skips": self.spike_skips, "rollbacks_since_save": self.rollbacks_since_save,
+                "lr_scale": self.lr_scale,
                 "losses": self.losses.state_dict(), "clip": self.clipper.state_dict()}
 
     def load_state_dict(self, state: tp.Mapping[str, tp.Any]) -> None:
         self.counts = {k: int(state["counts"].get(k, 0)) for k in COUNTERS}
         self.consecutive_skips = int(state["consecutive_skips"])
+        self.spike_skips = int(state.get("spike_skips", 0))  # absent in checkpoints saved before it was kept
         self.rollbacks_since_save = int(state["rollbacks_since_save"])
         self.lr_scale = float(state["lr_scale"])
         self.losses.load_state_dict(state["losses"])
         self.clipper.load_state_dict(state["clip"])
+
+
+def _by_rank(per_rank: list[list[tuple[str, int]]], codes: set[int]) -> dict[str, list[str]]:
+    """``{"rank r": [names]}`` of the samples with one of ``codes``, ranks with none left out."""
+    found = {f"rank {r}": [name for name, code in samples if code in codes]
+             for r, samples in enumerate(per_rank)}
+    return {rank: names for rank, names in found.items() if names}
 
 
 def _number(value: float | None) -> float | str | None:

@@ -43,7 +43,7 @@ def convert(src: Path) -> tuple[str, str]:
     import yaml
 
     from radiodiff_resume.compat import radiodiff_config as radiodiff
-    from radiodiff_resume.config import build_config
+    from radiodiff_resume.config import Config, build_config
 
     raw = read_mapping(src)
     if not radiodiff.is_radiodiff(raw):
@@ -51,7 +51,7 @@ def convert(src: Path) -> tuple[str, str]:
             raise UserError(f"convert-config: {src} is already in this package's format: use it with --cfg")
         raise UserError(f"convert-config: {src} is not a RadioDiff config (it lacks RadioDiff's keys, e.g. "
                         "model.first_stage.ddconfig, model.unet.dim, data.name) nor one of ours")
-    ours, report = radiodiff.translate(raw)
+    ours, report = radiodiff.translate(raw, Config)
     build_config(ours, [PLACEHOLDER_ROOT], source=f"{src}, translated from RadioDiff's format")
     body = yaml.dump(ours, Dumper=_dumper(), sort_keys=False, width=110, allow_unicode=True)
     text = radiodiff.report_comment(report, src.name, raw) + body

@@ -28,7 +28,7 @@ from radiodiff_resume.data.stream import BatchStream
 from radiodiff_resume.dist import Ranks
 from radiodiff_resume.errors import StopRequested
 from radiodiff_resume.events import EventLog
-from radiodiff_resume.guard.policy import Guard, GuardHalt, StepOutcome
+from radiodiff_resume.guard.policy import Guard, GuardHalt, StepOutcome, refuse_sharded
 from radiodiff_resume.guard.sanitize import finite_batch
 from radiodiff_resume.images import save_grid
 from radiodiff_resume.slurm.budget import StopBudget
@@ -71,6 +71,7 @@ class Trainer:
         config: Config | None = None,
         read_only: bool = False,
     ) -> None:
+        refuse_sharded(accelerator, self.stage)
         self.loop = loop
         self.read_only = read_only
         """Writes nothing to the results folder (no metrics, events or checkpoint housekeeping): the
@@ -201,7 +202,7 @@ class Trainer:
                 bar.update(1)
                 self.after_step(outcome, bar)
             elif self.guard.wants_rollback:
-                self.roll_back(f"{self.guard.consecutive_skips} optimizer steps skipped in a row")
+                self.roll_back(self.guard.skip_run(), spikes=self.guard.spike_driven)
                 bar.n = self.state.step
                 bar.refresh()
         bar.close()
@@ -267,25 +268,30 @@ class Trainer:
 
     def write_log(self, step: int, bar: tqdm) -> None:
         mean = self.accelerator.reduce(self._loss_sum / self._loss_count, "mean").item()
-        self._loss_sum.zero_()
-        self._loss_count = 0
         lr = self.lr_schedule.get_last_lr()[0]
         values: dict[str, float | int] = {"loss": mean, "lr": lr}
         if self._grad_norms:
             values["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
-            self._grad_norms.clear()
+        self.new_log_interval()
         guard = self.guard.log_values() if self.guard.enabled else {}
         self.log.write(step, {**values, **guard})
         shown = {k.removeprefix("guard/"): v for k, v in guard.items() if v}
         bar.set_postfix(loss=f"{mean:.4g}", lr=f"{lr:.2e}", **shown)
 
+    def new_log_interval(self) -> None:
+        """Empty the loss and grad-norm sums of the log interval (after a log line, and after a rollback
+        discarded the steps they hold)."""
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        self._grad_norms.clear()
+
     def save_checkpoint(self) -> None:
         """Check the state, then commit it; a state that fails the check is rolled back instead."""
         if self.check_state("before save"):
             started = time.perf_counter()
+            self.guard.saved()  # before the state is taken: the checkpoint records no rollback since itself
             self.checkpointer.save()
             self.budget.saved(time.perf_counter() - started)
-            self.guard.saved()
 
     # ----- guards ------------------------------------------------------------------
     def check_state(self, when: str, weights: bool = True) -> bool:
@@ -317,22 +323,23 @@ class Trainer:
         if self._calibration is None:
             dataset, count = self.train_stream.dataset, self.guard.cfg.norm_stats.recalibrate_batches
             self._calibration = [
-                finite_batch(torch.utils.data.default_collate([dataset[i] for i in indices]))[0]
+                finite_batch(torch.utils.data.default_collate([dataset[i] for i in indices]),
+                             self.guard.cfg.max_abs_input)[0]
                 for indices in self.train_stream.rank_batches(0)[:count]]
         return self._calibration
 
-    def roll_back(self, why: str) -> None:
+    def roll_back(self, why: str, spikes: bool = False) -> None:
         """Reload the newest verified checkpoint (nothing is quarantined for this) and go on past
         the data that led here. A checkpoint rolled back to that leads straight back here (nothing
         committed since) is not good: the next rollback goes to an older one. After ``max_rollbacks``
         without a new checkpoint, or with none older left, stop, naming the checkpoint still believed
-        good (or saying that none is)."""
+        good (or saying that none is). ``spikes``: every skip that led here was a loss spike."""
         guard, step = self.guard, self.state.step
         led_back = list(guard.rolled_back_to)
         older_than = parse_step(led_back[-1].name) if led_back else None
         good = self.checkpointer.newest(older_than)
         if good is None or not guard.may_roll_back():
-            self.halt(why, good, led_back)
+            self.halt(why, good, led_back, spikes)
         data, rank_state, carried = self.train_stream.state_dict(), self.rank_state_dict(), guard.carried()
         consumed = self.state.samples_seen
         path = tp.cast(Path, self.checkpointer.resume(mode="auto", rollback=True, older_than=older_than))
@@ -347,6 +354,7 @@ class Trainer:
         self.state.samples_seen = consumed  # samples consumed, rolled back or not: never behind the data
         self.load_rank_state_dict(rank_state)
         self.apply_loop_settings()
+        self.new_log_interval()
         self.events.emit("rolled_back", stage=self.stage, step=step, to_step=self.state.step, path=str(path),
                          reason=why, lr_scale=guard.lr_scale, skipped_batches="all since" if skip is None
                          else skip)
@@ -355,9 +363,10 @@ class Trainer:
                        else "", "continuing with the data that comes next" if skip is None
                        else f"skipping {skip} batch(es) past it", guard.lr_scale)
 
-    def halt(self, why: str, good: Path | None, led_back: list[Path]) -> tp.NoReturn:
+    def halt(self, why: str, good: Path | None, led_back: list[Path], spikes: bool = False) -> tp.NoReturn:
         """Stop the run for good (exit 4): why, which checkpoints rolled back to led straight back
-        here, and the newest one not proven bad (``good``), if any."""
+        here, the newest one not proven bad (``good``), if any, and advice that fits (``spikes``: the
+        skips were all loss spikes)."""
         if good is None and not led_back:
             cause, last = "there is nothing to roll back to", "no checkpoint was committed yet"
         else:
@@ -368,10 +377,11 @@ class Trainer:
                     else f"no checkpoint is believed good (none is older than {led_back[-1].name})")
         self.events.emit("halted", stage=self.stage, step=self.state.step, reason=why,
                          last_good=None if good is None else str(good), led_back=[str(p) for p in led_back])
+        advice = (self.guard.spike_advice() if spikes
+                  else "lower trainer.lr, try trainer.mixed_precision=bf16 or check the data")
         raise GuardHalt(
             f"{self.stage} step {self.state.step}: {why}, and {cause}; {last}. Look at {self.events.path} "
-            "for what was skipped; lower trainer.lr, try trainer.mixed_precision=bf16 or check the data, "
-            "then run the same command to resume.")
+            f"for what was skipped; {advice}, then run the same command to resume.")
 
     # ----- stopping ----------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:

@@ -52,7 +52,7 @@ def nested(tree: dict[str, tp.Any], key: str) -> tp.Any:
 def test_recognised_and_every_key_reported_once(path: Path) -> None:
     raw = raw_of(path)
     assert rc.is_radiodiff(raw)
-    _, lines = rc.translate(raw)
+    _, lines = rc.translate(raw, Config)
     keys = [line.key for line in lines if line.status != rc.CODE_DEFAULT]
     assert keys == list(rc.leaves(raw)), "one line per RadioDiff key, in file order"
     assert {line.status for line in lines} <= set(rc.STATUSES)
@@ -69,7 +69,7 @@ def test_our_configs_are_not_radiodiffs() -> None:
 
 def test_keys_with_radiodiffs_names_map_one_to_one() -> None:
     """The four keys whose meaning once differed now mean what they mean in RadioDiff: identity."""
-    out, lines = rc.translate(raw_of(LDM))
+    out, lines = rc.translate(raw_of(LDM), Config)
     line = by_key(lines)
     for key in ("data.batch_size", "trainer.min_lr", "model.scale_by_std", "model.default_scale",
                 "model.scale_factor", "trainer.ema_update_after_step", "trainer.ema_update_every"):
@@ -98,7 +98,7 @@ def test_latent_scale_matches_radiodiff(scale: dict[str, tp.Any], ours: tuple[tp
     the translated config builds and measures exactly when RadioDiff would."""
     raw = raw_of(LDM)
     raw["model"].update(scale)
-    out, lines = rc.translate(raw)
+    out, lines = rc.translate(raw, Config)
     m = out["model"]
     status = by_key(lines)["model.scale_factor"].status
     assert (m["scale_by_std"], m.get("default_scale"), m.get("scale_factor"), status) == ours
@@ -109,7 +109,7 @@ def test_latent_scale_matches_radiodiff(scale: dict[str, tp.Any], ours: tuple[tp
 
 
 def test_first_stage_config_sets_our_first_stage() -> None:
-    out, lines = rc.translate(raw_of(FIRST_STAGE))
+    out, lines = rc.translate(raw_of(FIRST_STAGE), Config)
     fs = out["model"]["first_stage"]
     assert fs["batch_size"] == 4 and by_key(lines)["data.batch_size"].status == rc.MAPPED
     assert fs["trainer"]["train_num_steps"] == 150000
@@ -122,7 +122,7 @@ def test_first_stage_config_sets_our_first_stage() -> None:
 
 
 def test_cars_variant_maps_to_the_cars_data() -> None:
-    out, lines = rc.translate(raw_of(DPMCAR))
+    out, lines = rc.translate(raw_of(DPMCAR), Config)
     line = by_key(lines)
     assert line["data.name"].status == rc.MAPPED
     assert (out["data"]["cars"], out["data"]["split"]) == (True, "radiodiff_600")
@@ -130,7 +130,7 @@ def test_cars_variant_maps_to_the_cars_data() -> None:
     assert line["model.unet.DPMCARK"].status == rc.MAPPED  # false: the fork's switch is off
     raw = raw_of(DPMCAR)
     raw["trainer"]["my_fork_flag"] = 3
-    line = by_key(rc.translate(raw)[1])
+    line = by_key(rc.translate(raw, Config)[1])
     assert line["trainer.my_fork_flag"].status == rc.UNSUPPORTED
     assert "unknown to this translation" in line["trainer.my_fork_flag"].note
 
@@ -147,13 +147,13 @@ def test_what_is_not_built_here_is_refused_not_substituted(change: tuple[str, st
     section, key, value = change
     nested(raw, section)[key] = value
     with pytest.raises(ConfigError, match=message):
-        rc.translate(raw)
+        rc.translate(raw, Config)
 
 
 def test_fp16_autocast_without_scaler_becomes_bf16() -> None:
     raw = raw_of(LDM)
     raw["trainer"].update(amp=True, fp16=False)
-    out, lines = rc.translate(raw)
+    out, lines = rc.translate(raw, Config)
     assert out["trainer"]["mixed_precision"] == "bf16" and not out["trainer"]["amp"]
     assert by_key(lines)["trainer.amp"].status == rc.UNSUPPORTED
     cfg = build_config(out, [ROOT])
@@ -165,7 +165,7 @@ def test_missing_essentials_fail_in_one_message() -> None:
     del raw["model"]["first_stage"]["ddconfig"]["ch"]
     raw["model"]["unet"]["dim"] = "wide"
     with pytest.raises(ConfigError, match=r"ddconfig\.ch is missing; model\.unet\.dim: got 'wide'"):
-        rc.translate(raw)
+        rc.translate(raw, Config)
 
 
 def test_load_config_translates_logs_and_applies_overrides_to_our_keys(
@@ -228,7 +228,7 @@ def test_ddconfig_latent_is_radiodiffs(ch_mult: list[int], attn: list[int], z: i
     raw["model"]["embed_dim"] = z
     raw["model"]["ddconfig"].update(ch=32, ch_mult=ch_mult, num_res_blocks=1, z_channels=z,
                                     resolution=[32, 32], attn_resolutions=attn)
-    out, _ = rc.translate(raw)
+    out, _ = rc.translate(raw, Config)
     cfg = build_config(out, [ROOT, "data.image_size=32"])
     torch.manual_seed(0)
     first_stage = build_first_stage(cfg)
@@ -244,7 +244,7 @@ def test_ddconfig_latent_is_radiodiffs(ch_mult: list[int], attn: list[int], z: i
 def test_z_channels_other_than_embed_dim_are_reported() -> None:
     raw = raw_of(FIRST_STAGE)
     raw["model"]["ddconfig"]["z_channels"] = 4
-    out, lines = rc.translate(raw)
+    out, lines = rc.translate(raw, Config)
     assert out["model"]["first_stage"]["params"]["latent_channels"] == 3
     assert by_key(lines)["model.ddconfig.z_channels"].status == rc.UNSUPPORTED
 
@@ -291,7 +291,7 @@ def test_convert_config_refuses_other_files_in_one_line(name: str, tmp_path: Pat
 
 def test_lines_are_immutable_records() -> None:
     """The report is data (tests and tools read it), not only text."""
-    line = by_key(rc.translate(copy.deepcopy(raw_of(LDM)))[1])["model.first_stage.ddconfig.ch_mult"]
+    line = by_key(rc.translate(copy.deepcopy(raw_of(LDM)), Config)[1])["model.first_stage.ddconfig.ch_mult"]
     assert line.targets == (("model.first_stage.params.block_out_channels", [128, 256, 512]),)
     assert line.text().startswith("[mapped] model.first_stage.ddconfig.ch_mult: [1, 2, 4] → "
                                   "model.first_stage.params.block_out_channels: [128, 256, 512]")

@@ -1,6 +1,7 @@
 """Faults injected for real, through the plug-in points a user has (``data.train``,
 ``model.unet``): datasets that yield NaN / Inf / huge values at chosen indices, and a denoiser
-that produces an Inf loss, a loss spike or a NaN gradient at chosen training forwards.
+that produces an Inf loss, a loss spike, a NaN gradient or a lasting change of the loss level at
+chosen training forwards.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from radiodiff_resume.data.radiomapseer import RadioMapSeer
 
 class FaultyMaps(Dataset):
     """RadioMapSeer with faults at fixed indices: ``nan_image`` (one NaN pixel), ``inf_cond``
-    (one +Inf condition value), ``scaled`` (the whole image times 1e6)."""
+    (one +Inf condition value), ``scaled`` (the whole image times 1e6), ``scaled_cond`` (the whole
+    condition times 1e6)."""
 
     def __init__(self, root: str, split: str = "train", nan_image: tp.Sequence[int] = (),
-                 inf_cond: tp.Sequence[int] = (), scaled: tp.Sequence[int] = (), **params: tp.Any) -> None:
+                 inf_cond: tp.Sequence[int] = (), scaled: tp.Sequence[int] = (),
+                 scaled_cond: tp.Sequence[int] = (), **params: tp.Any) -> None:
         self.inner = RadioMapSeer(root, split=split, **params)
         self.nan_image, self.inf_cond, self.scaled = set(nan_image), set(inf_cond), set(scaled)
+        self.scaled_cond = set(scaled_cond)
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -37,6 +41,8 @@ class FaultyMaps(Dataset):
             item["cond"][1, 2, 2] = float("inf")
         if index in self.scaled:
             item["image"] = item["image"] * 1e6
+        if index in self.scaled_cond:
+            item["cond"] = item["cond"] * 1e6
         return item
 
 
@@ -55,12 +61,16 @@ class _PoisonGrad(torch.autograd.Function):
 class FaultyUNet(UNet2DModel):
     """A diffusers ``UNet2DModel`` that misbehaves at chosen training forwards (1-based count of
     forwards in train mode of this process): ``inf_loss_at`` (output Inf), ``spike_at`` (output
-    times 1e3), ``nan_grad_at`` (NaN gradient). ``only_rank`` limits the faults to one rank."""
+    times 1e3), ``nan_grad_at`` (NaN gradient), ``shift_from`` (output plus ``shift`` from that forward
+    on: the loss rises to a new level for good, the gradients stay well-behaved). ``only_rank`` limits
+    the faults to one rank."""
 
     def __init__(self, *args: tp.Any, inf_loss_at: tp.Sequence[int] = (), spike_at: tp.Sequence[int] = (),
-                 nan_grad_at: tp.Sequence[int] = (), only_rank: int | None = None, **kwargs: tp.Any) -> None:
+                 nan_grad_at: tp.Sequence[int] = (), shift_from: int | None = None, shift: float = 3.0,
+                 only_rank: int | None = None, **kwargs: tp.Any) -> None:
         super().__init__(*args, **kwargs)
         self.faults = {"inf": set(inf_loss_at), "spike": set(spike_at), "nan_grad": set(nan_grad_at)}
+        self.shift_from, self.shift = shift_from, shift
         self.only_rank = only_rank
         self.training_calls = 0
 
@@ -78,5 +88,7 @@ class FaultyUNet(UNet2DModel):
             sample = sample * 1e3
         if n in self.faults["nan_grad"]:
             sample = _PoisonGrad.apply(sample)
+        if self.shift_from is not None and n >= self.shift_from:
+            sample = sample + self.shift
         out.sample = sample
         return out

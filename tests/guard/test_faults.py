@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import typing as tp
 from dataclasses import dataclass
@@ -26,14 +27,21 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from radiodiff_resume.config import Config, build_config
 from radiodiff_resume.data.radiomapseer import RadioMapSeer
 from radiodiff_resume.data.stream import epoch_order
 from radiodiff_resume.data.synthetic import ensure_synthetic
-from radiodiff_resume.errors import ConfigError
-from radiodiff_resume.guard.policy import COUNTERS, StepOutcome
-from radiodiff_resume.run import build_ldm_trainer, make_accelerator
+from radiodiff_resume.errors import ConfigError, UserError
+from radiodiff_resume.guard.policy import COUNTERS, GuardHalt, StepOutcome
+from radiodiff_resume.run import (
+    build_ldm_trainer,
+    ldm_trainer,
+    load_data,
+    make_accelerator,
+    ready_first_stage,
+)
 from radiodiff_resume.trainer.ldm import LatentDiffusionTrainer
 from tests.checkpoint.helpers import FAST, committed, events, read_shared, tensor_equal_trees, torch_threads
 from tests.conftest import tiny_raw, write_random_first_stage
@@ -335,14 +343,16 @@ def test_a_bad_micro_batch_is_left_out_whole_and_the_step_taken(
     assert tracked and set(tracked) == {2 * 3 - 1}, tracked
 
 
-def test_image_scaled_a_millionfold_is_absorbed_and_no_guard_acts(
+def test_image_scaled_a_millionfold_is_absorbed_when_the_input_bound_is_off(
         root: Path, order: list[int], clean: Run, tmp_path: Path) -> None:
-    """Found out, not assumed: the first stage's GroupNorm normalises the 1e6 away, so the latent,
-    the loss and the gradients barely move and no guard acts (no spike with the window warm, no
-    clip beyond the usual ``max_grad_norm``); that step's loss differs from the clean run's only
-    in the last digits."""
+    """Found out, not assumed: with ``guard.max_abs_input: null`` the image reaches the first stage,
+    whose GroupNorm normalises the 1e6 away, so the latent, the loss and the gradients barely move
+    and no guard acts (no spike with the window warm, no clip beyond the usual ``max_grad_norm``);
+    that step's loss differs from the clean run's only in the last digits. (A condition scaled so
+    is another matter: see the next test.)"""
     bad = order[4 * BATCH]  # batch 4: met at step 5, after the 3-loss warm-up of the spike window
-    run = train(faulty_cfg(tmp_path / "run", root, "guard.loss.warmup=3", train={"scaled": [bad]}))
+    run = train(faulty_cfg(tmp_path / "run", root, "guard.loss.warmup=3", "guard.max_abs_input=null",
+                           train={"scaled": [bad]}))
 
     assert bad in run.trainer.train_stream.rank_batches(0)[4]
     assert run.calls[4].step == 4 > run.trainer.guard.cfg.loss.warmup, "spike detection was on at step 5"
@@ -355,6 +365,49 @@ def test_image_scaled_a_millionfold_is_absorbed_and_no_guard_acts(
     assert losses[4] != reference[4], "the scaled batch reached the model"
     assert abs(losses[4] - reference[4]) <= 1e-3 * reference[4], (losses[4], reference[4])
     assert_loss_near(run, clean)
+
+
+def cond_running_var(trainer: LatentDiffusionTrainer) -> torch.Tensor:
+    """The running variance of the condition encoder's first BatchNorm (the condition's first stop)."""
+    return tp.cast(torch.Tensor, trainer.ldm.cond_encoder.net[1].running_var).clone()
+
+
+@pytest.mark.parametrize("bound", ["default", "null"])
+def test_a_condition_scaled_a_millionfold_is_left_out_and_batchnorm_statistics_stay_sane(
+        root: Path, order: list[int], clean: Run, tmp_path: Path, bound: str) -> None:
+    """Large but finite: the condition times 1e6 goes straight into the condition encoder's
+    BatchNorm. Past ``guard.max_abs_input`` (1e4 by default) its sample is left out and named, as a
+    NaN one is, and the running statistics never see it. With the bound off (``null``) the same batch
+    is taken as a normal step and the running variance jumps by orders of magnitude (the field
+    report: 0.66 to 2.6e10), wrong in every eval-mode forward that follows: the fault is real."""
+    bad = order[2 * BATCH]  # batch 2: met at step 3
+    overrides = () if bound == "default" else ("guard.max_abs_input=null",)
+    run = train(faulty_cfg(tmp_path / "run", root, *overrides, train={"scaled_cond": [bad]}))
+
+    assert bad in run.trainer.train_stream.rank_batches(0)[2]
+    variance, reference = cond_running_var(run.trainer), cond_running_var(clean.trainer)
+    assert torch.isfinite(variance).all()
+    if bound == "null":
+        assert run.events("batch_skipped") == [] and run.skipped == []
+        assert variance.max() > 1e6 * reference.max(), (variance.max(), reference.max())
+        return
+    name = sample_name(root, bad)
+    assert fields(run.events("batch_skipped"), "step", "micro_batches", "samples", "too_large") == [
+        {"step": 3, "micro_batches": 1, "samples": {"rank 0": [name]}, "too_large": {"rank 0": [name]}}]
+    assert fields(run.events("step_skipped"), "step", "reason") == [{"step": 3, "reason": "batch"}]
+    assert run.trainer.guard.counts == expected_counts(run, batches_skipped=1, steps_skipped=1)
+    assert_advanced_only_when_stepped(run)  # the rejected forward's statistics were put back
+    assert variance.max() < 10 * reference.max(), (variance.max(), reference.max())
+    assert_loss_near(run, clean)
+    assert run.trainer.guard.cfg.max_abs_input == 1e4, "the default bound did it"
+
+
+def test_a_nan_sample_is_not_called_too_large(root: Path, order: list[int], tmp_path: Path) -> None:
+    """The event tells the two causes apart: a NaN sample is in ``samples`` only."""
+    bad = order[0]
+    run = train(faulty_cfg(tmp_path / "run", root, "trainer.train_num_steps=2", train={"nan_image": [bad]}))
+    assert fields(run.events("batch_skipped"), "samples", "too_large") == [
+        {"samples": {"rank 0": [sample_name(root, bad)]}, "too_large": {}}]
 
 
 # ----- bad losses and gradients ------------------------------------------------------
@@ -387,6 +440,77 @@ def test_loss_spike_skips_the_step_and_stays_out_of_the_window(
         "the window holds exactly the losses of the steps taken"
     assert_advanced_only_when_stepped(run)
     assert_loss_near(run, clean)
+
+
+@pytest.mark.parametrize("interrupted", [False, True], ids=["spikes-only", "inf-loss-between"])
+def test_a_lasting_loss_level_change_with_healthy_gradients_is_accepted(
+        root: Path, tmp_path: Path, interrupted: bool) -> None:
+    """From the 5th forward on the denoiser's output is shifted: the loss rises about tenfold and stays
+    there, the gradients stay finite and unclipped (no ``max_grad_norm``, z-score clipping still in
+    its warm-up). Each step at the new level is a spike against the old window, so only skips would
+    follow (20 in a row, a rollback, a halt); instead the 10th spike in a row
+    (``guard.loss.rebaseline_after``) refills the window with the 10 skipped losses and training goes
+    on at the new level. ``inf-loss-between``: the 7th forward's loss is Inf, a skip of another kind,
+    and the count of spikes in a row starts over after it."""
+    unet: dict[str, tp.Any] = {"shift_from": 5, "inf_loss_at": [7] if interrupted else []}
+    cfg = faulty_cfg(tmp_path / "run", root, "guard.loss.warmup=3", "trainer.max_grad_norm=null",
+                     "trainer.train_num_steps=8", unet=unet)
+    after = 10  # guard.loss.rebaseline_after, by default (asserted last)
+    run = train(cfg)
+
+    skips = run.events("step_skipped")
+    reasons = ["spike", "spike", "loss"] if interrupted else []
+    reasons += ["spike"] * after
+    assert fields(skips, "step", "reason", "consecutive") == [
+        {"step": 5, "reason": reason, "consecutive": n} for n, reason in enumerate(reasons, 1)]
+    assert all(math.isfinite(e["grad_norm"]) for e in skips if e["reason"] == "spike"), "healthy gradients"
+    spikes = [e["loss"] for e in skips[-after:]]
+    assert min(spikes) > 5 * max(float(c.outcome.loss) for c in run.stepped[:4]), "a new level, for good"
+    (rebased,) = run.events("loss_rebaselined")
+    assert (rebased["step"], rebased["spikes"]) == (5, after)
+    assert rebased["level"] == pytest.approx(sum(spikes) / after, rel=1e-6)
+    assert [c.step for c in run.skipped] == [4] * len(reasons) and len(run.calls) == 8 + len(reasons)
+    assert run.events("rolled_back") == [] and run.events("halted") == []
+    window = run.trainer.guard.losses
+    taken = [float(c.outcome.loss) for c in run.stepped[4:]]
+    assert window.count == after + 4 and window.spike_run == []
+    assert window.values[: window.count].tolist() == pytest.approx(spikes + taken, rel=1e-6), \
+        "the skipped losses, then the steps taken at the new level"
+    assert_advanced_only_when_stepped(run)
+    assert cfg.guard.loss.rebaseline_after == after < cfg.guard.rollback.max_consecutive_skips == 20
+
+
+@pytest.mark.parametrize(("overrides", "accepts"), [
+    # the gradients of the new level are clipped (they exceed max_grad_norm): not healthy
+    (("guard.loss.rebaseline_after=2", "trainer.max_grad_norm=1e-3"),
+     "accepts a new loss level after 2 spikes in a row with a finite, unclipped gradient norm"),
+    (("guard.loss.rebaseline_after=null",),
+     "never accepts a new loss level (guard.loss.rebaseline_after is null)"),
+    ((), "accepts a new loss level after 10 spikes in a row (guard.loss.rebaseline_after), but rolls back "
+         "after 3 (guard.rollback.max_consecutive_skips)"),
+], ids=["clipped", "rebaseline-off", "rollback-first"])
+def test_a_halt_driven_by_loss_spikes_says_so(root: Path, tmp_path: Path, overrides: tuple[str, ...],
+                                              accepts: str) -> None:
+    """The loss level changes for good (as in the test above) and three skips in a row call for a
+    rollback, with nothing to roll back to: the halt says the skips were all loss spikes and what the
+    spike rules are, not the advice for NaN."""
+    cfg = faulty_cfg(tmp_path / "run", root, "guard.loss.warmup=3", "guard.rollback.max_consecutive_skips=3",
+                     *overrides, unet={"shift_from": 5})
+    write_random_first_stage(cfg)
+    trainer = build_ldm_trainer(cfg, make_accelerator(cfg))
+    with pytest.raises(GuardHalt) as halted:
+        trainer.fit()
+
+    message = str(halted.value)
+    assert message.startswith("ldm step 4: 3 optimizer steps skipped in a row, all as loss spikes, and there "
+                              "is nothing to roll back to"), message
+    assert "each of those losses lay more than guard.loss.spike_zscore=6.0 deviations above the recent ones" \
+        in message, message
+    assert accepts in message and "raise guard.loss.spike_zscore" in message, message
+    assert "mixed_precision=bf16" not in message, "the advice for NaN does not fit a loss level"
+    assert fields(events(cfg.results_folder, "halted"), "reason") == [
+        {"reason": "3 optimizer steps skipped in a row, all as loss spikes"}]
+    assert events(cfg.results_folder, "loss_rebaselined") == []
 
 
 def test_faithful_profile_takes_the_spike_as_radiodiff_would_and_still_skips_inf(
@@ -443,11 +567,11 @@ def test_nan_gradient_is_scrubbed_and_the_step_taken(root: Path, clean: Run, tmp
 INIT_SCALE = 2.0**120
 
 
-def scaled_accelerator() -> Accelerator:
-    """A real ``torch.amp.GradScaler("cpu")`` (accelerate makes none on a CPU) at a loss scale
-    near the fp32 limit, halving on overflow and never growing within these runs."""
+def scaled_accelerator(init_scale: float = INIT_SCALE) -> Accelerator:
+    """A real ``torch.amp.GradScaler("cpu")`` (accelerate makes none on a CPU), by default at a loss
+    scale near the fp32 limit, halving on overflow and never growing within these runs."""
     accelerator = Accelerator()
-    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=INIT_SCALE, backoff_factor=0.5,
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, backoff_factor=0.5,
                                               growth_interval=1_000_000)
     return accelerator
 
@@ -470,18 +594,44 @@ def assert_scaler_skips(run: Run) -> None:
     assert_advanced_only_when_stepped(run)
 
 
-def test_grad_scaler_overflow_skips_and_backs_off(root: Path, tmp_path: Path) -> None:
+def skip_logs(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if "optimizer step skipped" in r.getMessage()]
+
+
+def test_grad_scaler_overflow_is_routine_skips_backs_off_and_is_not_counted_toward_a_rollback(
+        root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two overflows at a loss scale far above 1: routine (reason ``scaler``), logged at INFO, and not
+    counted toward ``max_consecutive_skips`` (here 1: counted, the first would roll back, and with no
+    checkpoint yet halt the run)."""
     control = train(scaler_cfg(tmp_path / "no-scaler", root))
     assert control.skipped == [], "without the scaler the same forwards step: the overflow is the scaler's"
-    run = train(scaler_cfg(tmp_path / "run", root), scaled_accelerator())
+    with caplog.at_level(logging.INFO, logger="radiodiff_resume"):
+        run = train(scaler_cfg(tmp_path / "run", root, "guard.rollback.max_consecutive_skips=1"),
+                    scaled_accelerator())
 
     assert fields(run.events("step_skipped"), "step", "reason", "grad_norm", "consecutive") == [
-        {"step": 1, "reason": "grads", "grad_norm": "nan", "consecutive": 1},
-        {"step": 1, "reason": "grads", "grad_norm": "nan", "consecutive": 2}]
+        {"step": 1, "reason": "scaler", "grad_norm": "nan", "consecutive": 0}] * 2
     assert all(math.isfinite(e["loss"]) for e in run.events("step_skipped")), "the losses were finite"
-    assert [c.outcome.reason for c in run.skipped] == ["grads", "grads"]
+    assert [c.outcome.reason for c in run.skipped] == ["scaler", "scaler"]
+    assert run.events("rolled_back") == [] and run.events("halted") == []
     assert run.trainer.guard.counts == expected_counts(run, steps_skipped=2)
+    logs = skip_logs(caplog)
+    assert [level for level, _ in logs] == [logging.INFO] * 2, logs
+    assert all("routine fp16 loss-scale overflow, not counted" in text for _, text in logs), logs
     assert_scaler_skips(run)
+
+
+def test_non_finite_gradients_at_a_loss_scale_of_one_are_not_routine(
+        root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """At a loss scale of 1 the scale explains nothing: a NaN gradient is skipped as ``grads``, a
+    WARNING, counted toward a rollback."""
+    cfg = faulty_cfg(tmp_path / "run", root, unet={"nan_grad_at": [3]})
+    with caplog.at_level(logging.INFO, logger="radiodiff_resume"):
+        run = train(cfg, scaled_accelerator(init_scale=1.0))
+
+    assert fields(run.events("step_skipped"), "step", "reason", "consecutive") == [
+        {"step": 3, "reason": "grads", "consecutive": 1}]
+    assert [level for level, _ in skip_logs(caplog)] == [logging.WARNING]
 
 
 def test_grad_scaler_overflow_without_guards_does_not_advance(root: Path, tmp_path: Path) -> None:
@@ -540,6 +690,10 @@ def test_guards_on_a_clean_run_change_nothing(make_cfg: tp.Callable[..., Config]
     ("guard.clip.mode=foo", "guard.clip.mode"),
     ("guard.nonfinite_grads=zero", "guard.nonfinite_grads"),
     ("guard.loss.warmup=0", "guard.loss.warmup"),
+    ("guard.max_abs_input=0", "guard.max_abs_input"),
+    ("guard.max_abs_input=-5", "guard.max_abs_input"),
+    ("guard.max_abs_input=inf", "guard.max_abs_input"),
+    ("guard.loss.rebaseline_after=0", "guard.loss.rebaseline_after"),
 ])
 def test_a_bad_guard_value_is_one_config_error_naming_the_key(
         make_cfg: tp.Callable[..., Config], override: str, key: str) -> None:
@@ -548,6 +702,36 @@ def test_a_bad_guard_value_is_one_config_error_naming_the_key(
     message = str(caught.value)
     assert "1 problem:" in message and f"  - {key}" in message, message
     assert override.split("=", 1)[1] in message, message
+
+
+# ----- sharded training ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "name"), [
+    (DistributedType.FSDP, "FSDP"), (DistributedType.DEEPSPEED, "DeepSpeed"),
+    (DistributedType.MEGATRON_LM, "Megatron-LM")])
+def test_sharded_training_is_refused_when_the_trainer_is_built(
+        make_cfg: tp.Callable[..., Config], kind: DistributedType, name: str) -> None:
+    """accelerate reports a sharded set-up only where one can start (FSDP and Megatron-LM need GPUs,
+    DeepSpeed its package): a real Accelerator's shared state is told so here, as ``accelerate
+    launch`` would tell it, and the trainer refuses before anything is prepared."""
+    cfg = make_cfg(*FAST)
+    write_random_first_stage(cfg)
+    accelerator = Accelerator(cpu=True)
+    train_set, val_set = load_data(cfg, accelerator)
+    first_stage = ready_first_stage(cfg, accelerator, train_set, val_set)
+    state = accelerator.state
+    was = state.distributed_type
+    state.distributed_type = kind
+    try:
+        with pytest.raises(UserError) as refused:
+            ldm_trainer(cfg, accelerator, first_stage, train_set, val_set)
+    finally:
+        state.distributed_type = was
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"ldm: accelerate is set up for {name}, which shards "
+                                                       "gradients"), message
+    assert "use DDP (`accelerate launch --multi_gpu`" in message, message
 
 
 # ----- library bugs found while writing these tests ------------------------------------

@@ -30,7 +30,7 @@ from radiodiff_resume.config import Config, build_config, load_config
 from radiodiff_resume.data.radiomapseer import RadioMapSeer
 from radiodiff_resume.data.stream import BatchStream
 from radiodiff_resume.data.synthetic import ensure_synthetic
-from radiodiff_resume.guard.policy import COUNTERS
+from radiodiff_resume.guard.policy import COUNTERS, StepOutcome
 from radiodiff_resume.run import build_ldm_trainer, make_accelerator
 from radiodiff_resume.trainer.ldm import LatentDiffusionTrainer
 from tests.checkpoint.helpers import (
@@ -239,6 +239,71 @@ def test_nan_weight_mid_run_rolls_back_to_the_newest_checkpoint_and_the_data_con
     per_epoch = trainer.train_stream.batches_per_epoch
     assert per_epoch == 2
     assert final["data"] == data_position(calls, per_epoch) != data_position(6, per_epoch)
+
+
+# ----- 2b: what a rollback leaves behind ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rolled_back(tmp_path_factory: pytest.TempPathFactory,
+                synth_cache: Path) -> tuple[Path, list[StepOutcome]]:
+    """4 steps, checkpoints every 2, weights checked after every step; the 3rd training forward writes
+    NaN into a weight, so step 3 is rolled back to step 2 and taken again. The results folder and what
+    every ``train_step`` returned (the discarded step 3 among them)."""
+    results = tmp_path_factory.mktemp("rolled-back") / "run"
+    cfg = build_config(raw_config(results, synth_cache, POISONED, poison_at=[3]),
+                       [*FAST, "checkpoint.every=2", "guard.norm_stats.check_every=1",
+                        "trainer.train_num_steps=4"])
+    write_random_first_stage(cfg)
+    trainer = build_ldm_trainer(cfg, make_accelerator(cfg))
+    outcomes: list[StepOutcome] = []
+    step = trainer.train_step
+
+    def recorded() -> StepOutcome:
+        outcomes.append(step())
+        return outcomes[-1]
+
+    trainer.train_step = recorded  # type: ignore[method-assign]
+    trainer.fit()
+    assert fields(events(results, "rolled_back"), "step", "to_step") == [{"step": 3, "to_step": 2}]
+    assert steps(results) == [2, 4] and len(outcomes) == 5 and all(o.stepped for o in outcomes)
+    return results, outcomes
+
+
+def test_the_first_log_after_a_rollback_holds_only_steps_taken_after_it(
+        rolled_back: tuple[Path, list[StepOutcome]]) -> None:
+    """Logged every 2 steps: the line of step 4 is the mean of the replayed step 3 and step 4, not of
+    the discarded step 3 too."""
+    results, outcomes = rolled_back
+    records = [json.loads(line) for line in (results / "metrics.jsonl").read_text().splitlines()]
+    (line,) = [r for r in records if r["step"] == 4 and "loss" in r]
+    kept = outcomes[3:]
+    assert line["loss"] == pytest.approx(sum(float(o.loss) for o in kept) / 2, rel=1e-6)
+    assert line["grad_norm"] == pytest.approx(sum(tp.cast(float, o.grad_norm) for o in kept) / 2, rel=1e-6)
+    mixed = sum(float(o.loss) for o in outcomes[2:]) / 3
+    assert line["loss"] != pytest.approx(mixed, rel=1e-6), "the discarded step is distinguishable"
+
+
+def test_a_checkpoint_committed_after_a_rollback_allows_every_rollback_again(
+        rolled_back: tuple[Path, list[StepOutcome]], tmp_path: Path, synth_cache: Path) -> None:
+    """The step-4 checkpoint was committed after a rollback: it records no rollback since itself, so a
+    run resumed from it with ``max_rollbacks: 1`` may still roll back once (its first training
+    forward, step 5, writes NaN into a weight again) and finishes."""
+    source, _ = rolled_back
+    results = tmp_path / "run"
+    results.mkdir()
+    shutil.copytree(source / "checkpoints", results / "checkpoints")
+    shutil.copy2(source / "ae.safetensors", results / "ae.safetensors")
+
+    trainer = fit(build_config(raw_config(results, synth_cache, POISONED, poison_at=[1]),
+                               [*FAST, "checkpoint.every=2", "guard.norm_stats.check_every=1",
+                                "guard.rollback.max_rollbacks=1", "trainer.train_num_steps=6"]))
+
+    assert fields(events(results, "rolled_back"), "step", "to_step") == [{"step": 5, "to_step": 4}]
+    assert events(results, "halted") == []
+    assert trainer.state.step == 6 and steps(results) == [2, 4, 6]
+    assert_checkpoints_finite(results, after=4)
+    assert read_component(step_folder(results, 4), "guard")["rollbacks_since_save"] == 0
 
 
 # ----- 3: halting (real CLI) -------------------------------------------------------------------------
@@ -471,16 +536,16 @@ def test_checkpoint_without_guard_component_resumes_with_counters_from_zero(
 
 
 def launch_two(tmp_path: Path, big_root: Path, unet: dict[str, tp.Any], train: dict[str, tp.Any],
-               ) -> tuple[Path, list[dict[str, tp.Any]]]:
-    """A 6-step run of two processes (``tests/trainer/dist_train.py``) with the fault plug-ins;
-    the results folder and each rank's digest of its final model state and EMA."""
+               trainer: dict[str, tp.Any] | None = None) -> tuple[Path, list[dict[str, tp.Any]]]:
+    """A 6-step run of two processes (``tests/trainer/dist_train.py``) with the fault plug-ins (and
+    ``trainer`` settings); the results folder and each rank's digest of its final model state and EMA."""
     results = tmp_path / "run"
     raw = raw_config(results, big_root.parent, FAULTY_UNET, **unet)
     raw["data"]["synthetic"].update(BIG)
     common = {"root": str(big_root), **SPLIT}
     raw["data"]["train"] = {"target": FAULTY_MAPS, "params": {**common, "split": "train", **train}}
     raw["data"]["validation"] = {"target": FAULTY_MAPS, "params": {**common, "split": "val"}}
-    raw["trainer"].update(val_batches=0, num_sample_images=1)
+    raw["trainer"].update(val_batches=0, num_sample_images=1, **(trainer or {}))
     raw["data"].update(batch_size=None, batch_size_per_process=BATCH)  # BATCH on each rank
     raw["checkpoint"] = {"every": 3}
     cfg = write_yaml(tmp_path / "run.yaml", raw)
@@ -516,10 +581,17 @@ def test_two_processes_skip_the_step_of_one_ranks_nan_gradient_together(
     assert final["train_state"] == {"step": 6, "samples_seen": 7 * 2 * BATCH}
 
 
+def tracked(results: Path) -> int:
+    """Forwards the final checkpoint's first BatchNorm counted (rank 0's statistics, which are saved)."""
+    return int(read_shared(step_folder(results, 6))["model"][f"{BN}.num_batches_tracked"])
+
+
 @pytest.mark.slow
 def test_two_processes_name_a_nan_sample_under_its_rank(tmp_path: Path, big_root: Path) -> None:
     """A NaN image met once, in rank 1's micro-batch of step 3: that micro-batch is left out, rank 0's
-    counts and the step is taken; rank 0's event names the sample under rank 1."""
+    counts and the step is taken; rank 0's event names the sample under rank 1. Running statistics are
+    put back on every rank, rank 0 included (its statistics are the ones DDP broadcasts and that
+    would carry a rejected batch where ranks share them, as with SyncBatchNorm): 5 forwards counted."""
     # Each rank's batches at the 6 steps; the bad sample is one of rank 1's at step 3 that no rank
     # meets at any other step.
     streams = [BatchStream(range(32), BATCH, rank=r, world_size=2) for r in (0, 1)]
@@ -536,6 +608,29 @@ def test_two_processes_name_a_nan_sample_under_its_rank(tmp_path: Path, big_root
     final = read_shared(step_folder(results, 6))
     assert final["guard"]["counts"]["batches_skipped"] == 1 and final["guard"]["counts"]["steps_skipped"] == 0
     assert final["train_state"] == {"step": 6, "samples_seen": 6 * 2 * BATCH}
+    assert tracked(results) == 6 - 1
+
+
+@pytest.mark.slow
+def test_two_processes_put_back_the_statistics_of_a_micro_batch_rejected_on_one_rank_together(
+        tmp_path: Path, big_root: Path) -> None:
+    """Two micro-batches per step: a NaN image that only rank 1 ever meets, in micro-batches 3, 8 and 10
+    of the run (the first micro-batch of step 2: put back before the next forward, after a small
+    all-reduce of the flag; the second of steps 4 and 5: the flag rides on the step's all-reduce).
+    Every rank puts those statistics back: 12 forwards, 9 counted (rank 0 alone would count 12)."""
+    streams = [BatchStream(range(32), BATCH, rank=r, world_size=2) for r in (0, 1)]
+    per_epoch = streams[0].batches_per_epoch
+    calls = [[s.rank_batches(c // per_epoch)[c % per_epoch] for s in streams] for c in range(12)]
+    bad = 11
+    assert [(c, r) for c in range(12) for r in (0, 1) if bad in calls[c][r]] == [(2, 1), (7, 1), (9, 1)]
+
+    results, _ = launch_two(tmp_path, big_root, {}, {"nan_image": [bad]}, {"gradient_accumulate_every": 2})
+
+    name = RadioMapSeer(big_root, "train", **SPLIT)[bad]["name"]
+    assert fields(events(results, "batch_skipped"), "step", "micro_batches", "samples") == [
+        {"step": step, "micro_batches": 1, "samples": {"rank 1": [name]}} for step in (2, 4, 5)]
+    assert events(results, "step_skipped") == []
+    assert tracked(results) == 12 - 3
 
 
 # ----- library bugs found while writing these tests ---------------------------------------------
