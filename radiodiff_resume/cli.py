@@ -25,6 +25,9 @@ from radiodiff_resume.slurm.environment import export_torch_env
 from radiodiff_resume.slurm.signals import STOP
 from radiodiff_resume.tools import convert_config, doctor, dry_run, evaluate, export, importer, report
 
+if tp.TYPE_CHECKING:
+    from radiodiff_resume.config import Config
+
 EXIT_STATUS = {
     "train": "Exit 0: trained to trainer.train_num_steps; 2: a user error (config, data or files; one "
              "'error:' line, no traceback); 3: stopped on request (a signal) after committing a checkpoint: "
@@ -66,13 +69,20 @@ def cmd_train(args: argparse.Namespace) -> None:
         STOP.ignore()
 
 
+def train_in_job(cfg: Config) -> None:
+    """What a submitted job runs, pickled by name: torch and the run are imported in the job, not by
+    ``submit`` (seconds of CPU per submission otherwise)."""
+    from radiodiff_resume.run import train
+
+    train(cfg)
+
+
 def cmd_submit(args: argparse.Namespace) -> None:
     from radiodiff_resume.config import load_config
-    from radiodiff_resume.run import train
     from radiodiff_resume.slurm.submit import submit
 
     cfg = load_config(args.cfg, args.overrides)
-    job = submit(cfg, train, local=args.local)
+    job = submit(cfg, train_in_job, local=args.local)
     print(f"submitted job {job.job_id} ({'local' if args.local else 'SLURM'}); "
           f"logs: {job.paths.stdout} and {job.paths.stderr}; results: {cfg.results_folder}", flush=True)
     if args.local:

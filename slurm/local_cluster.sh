@@ -37,6 +37,7 @@ NS_PREFIX=rr-node          # network namespaces rr-node1, rr-node2, ...
 CTL_PORT=16817             # not 6817/6818: a system Slurm may already use those
 SLURMD_PORT=16818
 START_TIMEOUT=${RADIODIFF_SLURM_START_TIMEOUT:-60}
+NODE_CPUS=16               # declared CPUs per node (see write_conf)
 
 export SLURM_CONF=$CONF
 # Debian installs the daemons in /usr/sbin, which is not on a non-root PATH.
@@ -303,11 +304,14 @@ InactiveLimit=0
 MailProg=/bin/true
 Waittime=0
 EOF
+        # CPUs: slots, not cores (config_overrides above). The project's tests submit all their
+        # jobs at once (tests/slurm/scenarios.py), a dozen 1-CPU tasks that mostly sleep (paced
+        # training steps): every one of them must start at once, on 2 cores or on 64.
         for ((i = 1; i <= n; i++)); do
             if ((n == 1)); then
-                echo "NodeName=node$i NodeHostname=$host NodeAddr=127.0.0.1 CPUs=2 RealMemory=$mem State=UNKNOWN"
+                echo "NodeName=node$i NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$mem State=UNKNOWN"
             else
-                echo "NodeName=node$i NodeHostname=node$i NodeAddr=$NET_PREFIX.$((10 + i)) CPUs=2 RealMemory=$mem State=UNKNOWN"
+                echo "NodeName=node$i NodeHostname=node$i NodeAddr=$NET_PREFIX.$((10 + i)) CPUs=$NODE_CPUS RealMemory=$mem State=UNKNOWN"
             fi
         done
         echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"

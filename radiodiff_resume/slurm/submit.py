@@ -1,9 +1,9 @@
 """``radiodiff-resume submit``: the training job through submitit, requeued until it is done.
 
 What submitit pickles is :class:`TrainJob`: the resolved config as plain data, the working
-folder and the training function (by name: the CLI passes ``radiodiff_resume.run.train``, so this
-layer never imports the run), nothing else. A requeued job builds everything again and finds its state through
-checkpoint discovery, so it can never replay a stale model or trainer.
+folder and the training function (by name: the CLI passes ``radiodiff_resume.cli.train_in_job``, so
+this layer never imports the run), nothing else. A requeued job builds everything again and finds its
+state through checkpoint discovery, so it can never replay a stale model or trainer.
 
 The stop is ours, not submitit's: submitit's own handler would call ``checkpoint()`` inside the
 signal handler, on rank 0 only. :class:`TrainJob` replaces that handler with the flag-only one

@@ -1,5 +1,5 @@
 """A denoiser plug-in (``model.unet.target``) whose state makes every run that resumes from it die,
-as a checkpoint that triggers a crash on each restart would."""
+as a checkpoint that triggers a crash on each restart would (paced as :class:`~.paced.PacedUNet`)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import signal
 import typing as tp
 
 import torch
-from diffusers import UNet2DModel
+
+from tests.slurm.paced import PacedUNet
 
 
-class DiesAfterResumeUNet(UNet2DModel):
-    """A diffusers ``UNet2DModel`` that SIGKILLs its own process at the first training forward after
-    its weights were loaded, when those weights had seen at least ``die_from`` training forwards.
+class DiesAfterResumeUNet(PacedUNet):
+    """A diffusers ``UNet2DModel`` (paced by ``step_s``) that SIGKILLs its own process at the first
+    training forward after its weights were loaded, when those weights had seen at least
+    ``die_from`` training forwards.
 
     The count is a persistent buffer, so it travels with the checkpoints: resuming from an older
     checkpoint (fewer forwards) trains on; an uninterrupted run never loads and never dies.

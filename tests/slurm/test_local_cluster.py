@@ -3,7 +3,8 @@
 Real daemons, no mocks: a requeued job runs again with ``SLURM_RESTART_COUNT=1``; a
 ``--signal=B:USR1@30`` reaches the batch shell, whose handler requeues the job; ``srun -N2``
 lands on two hosts with their own names and addresses, and torch's gloo backend all-reduces
-across them.
+across them. The two batch jobs are scenarios (``scenarios.py``): they run beside the other SLURM
+tests' jobs, all submitted at once.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm.cluster import REPO, hostnames, job_info, sbatch, wait_for
+from tests.slurm.scenarios import ClusterJobs, Job, scenario
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -35,35 +37,50 @@ def wait_lines(path: Path, count: int, timeout: float) -> list[str]:
     pytest.fail(f"{path}: fewer than {count} lines after {timeout} s: {lines}")
 
 
-def test_requeue_from_outside_runs_again(slurm_env: dict[str, str], tmp_path: Path) -> None:
-    runs = tmp_path / "runs.txt"
-    job = sbatch(
+def requeue_once_running(job: Job) -> float:
+    """``scontrol requeue`` from outside once the job runs; when it was sent (``time.time()``)."""
+    wait_for(job.submitted(), {"RUNNING"}, 60, job.env)
+    wait_lines(job.folder / "runs.txt", 1, 30)
+    requeued_at = time.time()
+    subprocess.run(["scontrol", "requeue", job.submitted()], env=job.env, check=True, timeout=30)
+    return requeued_at
+
+
+@scenario("requeue_from_outside", act=requeue_once_running, priority=10)
+def submit_requeueable(job: Job) -> str:
+    runs = job.folder / "runs.txt"
+    # Pinned to node1 (on a 1-node cluster too): the jobs running beside it must not decide that
+    # its second run lands on another host.
+    return sbatch(
         f"""#!/bin/bash
 echo "${{SLURM_RESTART_COUNT:-0}} $(hostname) $(date +%s.%N)" >> {runs}
 if [ "${{SLURM_RESTART_COUNT:-0}}" = 0 ]; then sleep 300; fi
 """,
-        "--requeue", "--job-name=rr-requeue", f"--output={tmp_path}/job-%j.out",
-        env=slurm_env, cwd=tmp_path,
+        "--requeue", "--job-name=rr-requeue", "--nodelist=node1", f"--output={job.folder}/job-%j.out",
+        env=job.env, cwd=job.folder,
     )
-    wait_for(job, {"RUNNING"}, 60, slurm_env)
-    wait_lines(runs, 1, 30)
 
-    requeued_at = time.time()
-    subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True, timeout=30)
-    info = wait_for(job, {"COMPLETED"}, 90, slurm_env, min_restarts=1)
 
-    lines = [line.split() for line in wait_lines(runs, 2, 5)]
+@pytest.mark.scenario("requeue_from_outside")
+def test_requeue_from_outside_runs_again(cluster_jobs: ClusterJobs) -> None:
+    scenario_job = cluster_jobs["requeue_from_outside"]
+    job = scenario_job.submitted()
+    requeued_at = scenario_job.acted()
+    info = wait_for(job, {"COMPLETED"}, 90, cluster_jobs.env, min_restarts=1)
+
+    lines = [line.split() for line in wait_lines(scenario_job.folder / "runs.txt", 2, 5)]
     assert [fields[0] for fields in lines] == ["0", "1"], lines
     assert lines[0][1] == lines[1][1]  # one node: the same host both times
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
     print(f"requeue -> running again: {float(lines[1][2]) - requeued_at:.1f} s")
 
 
-def test_signal_before_time_limit_then_self_requeue(slurm_env: dict[str, str], tmp_path: Path) -> None:
-    events = tmp_path / "events.txt"
+@scenario("usr1_then_self_requeue", priority=10)
+def submit_usr1_requeue(job: Job) -> str:
+    events = job.folder / "events.txt"
     # B: = the batch shell only. bash runs a trap only between commands: sleep in the
     # background and `wait`, which returns as soon as a trapped signal arrives.
-    job = sbatch(
+    return sbatch(
         f"""#!/bin/bash
 n=${{SLURM_RESTART_COUNT:-0}}
 on_usr1() {{
@@ -77,14 +94,20 @@ sleep 120 &
 while kill -0 $! 2>/dev/null; do wait $! || true; done
 """,
         "--requeue", "--time=1", "--signal=B:USR1@30", "--job-name=rr-usr1",
-        f"--output={tmp_path}/job-%j.out",
-        env=slurm_env, cwd=tmp_path,
+        f"--output={job.folder}/job-%j.out",
+        env=job.env, cwd=job.folder,
     )
+
+
+@pytest.mark.scenario("usr1_then_self_requeue")
+def test_signal_before_time_limit_then_self_requeue(cluster_jobs: ClusterJobs) -> None:
+    scenario_job = cluster_jobs["usr1_then_self_requeue"]
+    job = scenario_job.submitted()
     # The signal comes at most 30 s before the 60 s limit, or up to a minute early (Slurm checks
     # limits periodically): never assume the moment. The requeue then takes ~11-12 s.
-    info = wait_for(job, {"COMPLETED"}, 150, slurm_env, min_restarts=1)
+    info = wait_for(job, {"COMPLETED"}, 150, cluster_jobs.env, min_restarts=1)
 
-    lines = [line.split() for line in wait_lines(events, 3, 5)]
+    lines = [line.split() for line in wait_lines(scenario_job.folder / "events.txt", 3, 5)]
     assert [fields[:2] for fields in lines] == [["start", "0"], ["usr1", "0"], ["start", "1"]], lines
     assert info["Restarts"] == "1" and info["ExitCode"] == "0:0", info
     start, usr1, again = (float(fields[2]) for fields in lines)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from radiodiff_resume.cli import train_in_job
 from radiodiff_resume.config import build_config
-from radiodiff_resume.run import train
 from radiodiff_resume.slurm.submit import TrainJob, submit
 from tests.conftest import REPO, tiny_raw, write_random_first_stage
 from tests.trainer.test_resume_exact import assert_bit_identical, final_tensors, run_to_end
@@ -50,11 +50,11 @@ def test_local_job_stopped_by_usr2_requeues_and_finishes_bit_identical(
     run_to_end(straight, 1, tmp_path)
 
     cfg = build_config(yaml.safe_load(tiny(tmp_path, synth_cache, "job", ae).read_text()))
-    job = submit(cfg, train, local=True)
+    job = submit(cfg, train_in_job, local=True)
     submitted = pickle.loads(job.paths.submitted_pickle.read_bytes())
     assert isinstance(submitted.function, TrainJob)
     assert set(vars(submitted.function)) == {"config", "cwd", "train"}, "nothing but the config is pickled"
-    assert submitted.function.train is train, "the function by name"
+    assert submitted.function.train is train_in_job, "the function by name"
     assert job.paths.submitted_pickle.stat().st_size < 20_000
 
     first = cfg.results_folder / "checkpoints" / "step-00000004" / "manifest.json"
