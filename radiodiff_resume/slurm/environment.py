@@ -8,6 +8,7 @@ accelerate 1.15 / torch elastic), and dies of SIGUSR1, whose default action is t
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -17,25 +18,44 @@ import typing as tp
 from radiodiff_resume.errors import UserError
 
 _RANGE = re.compile(r"^(\d+)(?:-(\d+))?$")
+_HOST = re.compile(r"(?:[^,\[]|\[[^\]]*\])+")
+"""One host pattern of a node list: anything up to a comma outside brackets."""
+_TASKS = re.compile(r"^(\d+)(?:\(x(\d+)\))?$")
 
 
 def expand_nodelist(nodelist: str) -> list[str]:
-    """``node[1-3,7],gpu05`` → ``[node1, node2, node3, node7, gpu05]`` (zero padding kept)."""
+    """``node[1-3,7],gpu05`` → ``[node1, node2, node3, node7, gpu05]``, in Slurm's order (zero padding
+    kept); several bracket groups in one name multiply out as ``scontrol show hostnames`` does:
+    ``rack[1-2]-node[01-02]`` → ``rack1-node01, rack1-node02, rack2-node01, rack2-node02``."""
     hosts: list[str] = []
-    for group in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,\[]*", nodelist):
-        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", group)
-        if m is None:
-            hosts.append(group)
-            continue
-        prefix, ranges, suffix = m.groups()
-        for part in ranges.split(","):
-            r = _RANGE.match(part)
-            if r is None:
-                raise ValueError(f"cannot read node list {nodelist!r} (range {part!r})")
-            first, last = r.group(1), r.group(2) or r.group(1)
-            width = len(first)
-            hosts += [f"{prefix}{i:0{width}d}{suffix}" for i in range(int(first), int(last) + 1)]
+    for pattern in _HOST.findall(nodelist):
+        parts = re.split(r"\[([^\]]*)\]", pattern)  # literal, ranges, literal, ranges, ..., literal
+        choices = [[text] if i % 2 == 0 else _numbers(text, nodelist) for i, text in enumerate(parts)]
+        hosts += ["".join(combination) for combination in itertools.product(*choices)]
     return hosts
+
+
+def _numbers(ranges: str, nodelist: str) -> list[str]:
+    """``007-009,012`` → ``[007, 008, 009, 012]``."""
+    out = []
+    for part in ranges.split(","):
+        r = _RANGE.match(part)
+        if r is None:
+            raise ValueError(f"cannot read node list {nodelist!r} (range {part!r})")
+        first, last = r.group(1), r.group(2) or r.group(1)
+        out += [f"{i:0{len(first)}d}" for i in range(int(first), int(last) + 1)]
+    return out
+
+
+def tasks_per_node(text: str) -> list[int]:
+    """``SLURM_STEP_TASKS_PER_NODE``: ``2(x3),1`` → ``[2, 2, 2, 1]`` (one count per node, in order)."""
+    counts: list[int] = []
+    for part in text.split(","):
+        m = _TASKS.match(part.strip())
+        if m is None:
+            raise ValueError(f"cannot read tasks per node {text!r} (part {part!r})")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
 
 
 def torch_env_from_slurm(environ: tp.Mapping[str, str]) -> dict[str, str]:
@@ -51,13 +71,17 @@ def torch_env_from_slurm(environ: tp.Mapping[str, str]) -> dict[str, str]:
         return {}
     nodelist = environ.get("SLURM_STEP_NODELIST") or environ["SLURM_JOB_NODELIST"]
     nodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_JOB_NUM_NODES") or 1)
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE")
+    node = int(environ.get("SLURM_NODEID", "0"))
+    # an uneven layout (``--ntasks=3`` on 2 nodes: ``2,1``) has its own count per node
+    local = tasks_per_node(per_node)[node] if per_node else tasks // nodes
     return {
         "MASTER_ADDR": expand_nodelist(nodelist)[0],
         "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ["SLURM_JOB_ID"]) % 40000),
         "RANK": environ["SLURM_PROCID"],
         "WORLD_SIZE": str(tasks),
         "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
-        "LOCAL_WORLD_SIZE": str(tasks // nodes),
+        "LOCAL_WORLD_SIZE": str(local),
     }
 
 

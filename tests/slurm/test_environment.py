@@ -2,19 +2,55 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
-from radiodiff_resume.slurm.environment import expand_nodelist, parse_time_left, torch_env_from_slurm
+from radiodiff_resume.slurm.environment import (
+    expand_nodelist,
+    parse_time_left,
+    tasks_per_node,
+    torch_env_from_slurm,
+)
+from tests.slurm.cluster import cluster_env
 
-
-@pytest.mark.parametrize("nodelist, hosts", [
+NODELISTS = [
     ("node1", ["node1"]),
     ("node[1-3]", ["node1", "node2", "node3"]),
     ("gpu[007-009,012],login1", ["gpu007", "gpu008", "gpu009", "gpu012", "login1"]),
-    ("a[1,3]b,c", ["a1b", "a3b", "c"]),
-])
+    ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02"]),
+    ("c[1-2]-[3,5],x", ["c1-3", "c1-5", "c2-3", "c2-5", "x"]),
+]
+"""Real Slurm node-list forms, each with what ``scontrol show hostnames`` prints for it."""
+
+
+@pytest.mark.parametrize("nodelist, hosts", [*NODELISTS, ("a[1,3]b,c", ["a1b", "a3b", "c"])])
 def test_expand_nodelist(nodelist: str, hosts: list[str]) -> None:
     assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.skipif(shutil.which("scontrol") is None, reason="scontrol not installed (slurm-wlm)")
+@pytest.mark.parametrize("nodelist, hosts", NODELISTS)
+def test_expand_nodelist_agrees_with_scontrol(nodelist: str, hosts: list[str]) -> None:
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                         timeout=60, env=cluster_env())
+    if out.returncode != 0:
+        pytest.skip(f"scontrol show hostnames needs a slurm.conf here: {out.stderr.strip()}")
+    assert out.stdout.split() == hosts == expand_nodelist(nodelist)
+
+
+@pytest.mark.parametrize("text, counts", [("4", [4]), ("2(x3),1", [2, 2, 2, 1]), ("3,1", [3, 1])])
+def test_tasks_per_node(text: str, counts: list[int]) -> None:
+    assert tasks_per_node(text) == counts
+
+
+def test_an_uneven_layout_has_its_own_local_world_size() -> None:
+    """``--ntasks=3`` over 2 nodes: 2 tasks on the first node, 1 on the second."""
+    env = {**STEP, "SLURM_STEP_NUM_TASKS": "3", "SLURM_STEP_TASKS_PER_NODE": "2,1", "SLURM_PROCID": "2",
+           "SLURM_LOCALID": "0", "SLURM_NODEID": "1"}
+    assert torch_env_from_slurm(env)["LOCAL_WORLD_SIZE"] == "1"
+    assert torch_env_from_slurm({**env, "SLURM_NODEID": "0", "SLURM_PROCID": "0"})["LOCAL_WORLD_SIZE"] == "2"
 
 
 STEP = {"SLURM_JOB_ID": "1234", "SLURM_STEP_ID": "0", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
