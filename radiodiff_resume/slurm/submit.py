@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import typing as tp
 from pathlib import Path
@@ -56,6 +57,9 @@ class TrainJob:
         import submitit
 
         STOP.install(self.config["slurm"]["signals"])  # replaces submitit's handlers: flag only
+        # submitit's SIGCONT handler logs from inside the handler (a lock the interrupted code may hold);
+        # the process continues on SIGCONT whatever its handler, so none is needed
+        signal.signal(signal.SIGCONT, signal.SIG_DFL)
         os.chdir(self.cwd)
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:

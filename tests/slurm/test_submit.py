@@ -65,12 +65,14 @@ def test_local_job_stopped_by_usr2_requeues_and_finishes_bit_identical(
     # USR2 to the training task, as the local controller does near its time limit and Slurm does
     # to every task (submitit's own job._interrupt() signals the controller, which dies of it).
     [task] = subprocess.run(["pgrep", "-P", str(job.job_id)], capture_output=True, text=True).stdout.split()
+    os.kill(int(task), signal.SIGCONT)  # as Slurm resumes a suspended job; submitit logs it in a handler
     os.kill(int(task), signal.SIGUSR2)
     job.wait()
     log = job.paths.stderr.read_text()
     assert job.state == "FINISHED" and job.result() is None, log[-3000:]
 
     assert "stop requested (SIGUSR2)" in log and "requeueing job" in log
+    assert "Bypassing signal SIGCONT" not in log, "submitit's SIGCONT handler was taken over"
     events = [json.loads(x) for x in (cfg.results_folder / "events.jsonl").read_text().splitlines()]
     [stopped] = [e for e in events if e["event"] == "stopped"]
     assert [e["step"] for e in events if e["event"] == "resumed"] == [stopped["step"]]
