@@ -88,7 +88,7 @@ ensure_packages() {
     say "installing slurm-wlm munge (missing: ${missing[*]})"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq || die "apt-get update failed"
-    apt-get install -y -qq slurm-wlm munge >"$LOG/apt.log" 2>&1 ||
+    apt-get install -y -qq --no-install-recommends slurm-wlm munge >"$LOG/apt.log" 2>&1 ||
         { tail -n 20 "$LOG/apt.log" >&2; die "apt-get install slurm-wlm munge failed (log: $LOG/apt.log)"; }
     for bin in slurmctld slurmd munged; do
         command -v "$bin" >/dev/null 2>&1 || die "$bin still missing after installing slurm-wlm munge"
@@ -230,6 +230,10 @@ do_stop() {
     done
     if [[ -e /sys/class/net/$BRIDGE ]]; then
         ip link delete "$BRIDGE" 2>/dev/null || true
+    fi
+    # The FORWARD rule setup_network added for the bridge (every copy of it).
+    if command -v iptables >/dev/null 2>&1; then
+        while iptables -D FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT 2>/dev/null; do :; done
     fi
     rm -f "$NODES_FILE"
     if [[ $n != 0 ]]; then say "stopped ($n node(s)); logs kept in $LOG"; else say "not running"; fi
@@ -382,6 +386,10 @@ do_start() {
         say "already up with $n node(s) and healthy"
         echo "export SLURM_CONF=$CONF"
         return 0
+    fi
+    if [[ $cur != 0 ]] && alive "$RUN/slurmctld.pid" &&
+        [[ -n $(timeout 10 squeue -h -t PENDING,RUNNING,SUSPENDED,COMPLETING -o %A 2>/dev/null || true) ]]; then
+        die "the running cluster ($cur node(s)) has jobs; a start with $n node(s) would end them: wait for them, or run stop first"
     fi
     if [[ $cur != 0 ]] || ls "$RUN"/*.pid >/dev/null 2>&1 || [[ -e /sys/class/net/$BRIDGE ]]; then
         say "stopping the running cluster (had $cur node(s), want $n)"
