@@ -28,7 +28,7 @@ from pathlib import Path
 from radiodiff_resume.config import Config, build_config, to_dict
 from radiodiff_resume.errors import EXIT_STOPPED, StopRequested, UserError
 from radiodiff_resume.io import read_regular, write_text_atomic
-from radiodiff_resume.slurm.environment import job_id, requeue, time_left_s
+from radiodiff_resume.slurm.environment import job_id, requeue, time_left_s, use_task_cpus
 from radiodiff_resume.slurm.signals import STOP
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ class TrainJob:
         if env.num_tasks > 1:
             # CUDA_VISIBLE_DEVICES stays: accelerate picks cuda:LOCAL_RANK among the node's GPUs.
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        use_task_cpus()
         from radiodiff_resume.process import setup_logging
 
         setup_logging()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
 from radiodiff_resume.slurm.environment import (
+    cpu_threads_from_slurm,
     expand_nodelist,
     parse_time_left,
     tasks_per_node,
@@ -83,3 +86,27 @@ def test_the_batch_script_itself_is_not_a_task() -> None:
 ])
 def test_parse_time_left(text: str, seconds: float | None) -> None:
     assert parse_time_left(text) == seconds
+
+
+@pytest.mark.parametrize("env, threads", [
+    ({"SLURM_STEP_ID": "0", "SLURM_CPUS_PER_TASK": "4"}, 4),
+    ({"SLURM_STEP_ID": "0", "SLURM_CPUS_PER_TASK": "4", "OMP_NUM_THREADS": "2"}, None),  # the user's
+    ({"SLURM_CPUS_PER_TASK": "4"}, None),  # the batch script, not a task of a step
+    ({"SLURM_STEP_ID": "0"}, None),
+])
+def test_cpu_threads_from_slurm(env: dict[str, str], threads: int | None) -> None:
+    assert cpu_threads_from_slurm(env) == threads
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to tell 1 thread from the default")
+def test_a_task_uses_as_many_threads_as_it_has_cpus_even_after_torch_is_imported() -> None:
+    """``cli train`` imports torch before it reads SLURM's variables: the pool is resized, not only
+    ``OMP_NUM_THREADS`` set."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS" and not k.startswith("SLURM_")}
+    env |= {"SLURM_STEP_ID": "0", "SLURM_CPUS_PER_TASK": "1", "SLURM_PROCID": "0"}
+    code = ("import os, torch; from radiodiff_resume.slurm.environment import export_torch_env; "
+            "before = torch.get_num_threads(); export_torch_env(); "
+            "print(before, torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    before, after, omp = out.stdout.split()
+    assert int(before) >= 2 and (after, omp) == ("1", "1"), out.stderr
