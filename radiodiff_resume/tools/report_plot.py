@@ -43,6 +43,7 @@ MARKS = {
     "restart": ("restart (new process)", "tab:blue", "--", 1.4),
     "rolled_back": ("rollback (arrow: steps redone)", "tab:red", "-.", 1.4),
     "quarantine": ("checkpoint quarantined / set aside", "tab:purple", ":", 2.6),
+    "rebaselined": ("loss spikes taken as the new level", "tab:olive", "--", 1.4),
     "halted": ("halt, refused save / resume", "black", "-", 1.4),
     "finished": ("finished (reached train_num_steps)", "tab:green", "-", 1.4),
 }
@@ -87,6 +88,8 @@ def marks(stage: Stage, summary: dict[str, tp.Any]) -> list[Mark]:
             found.append(Mark("stopped", e["time"], last))
         elif kind in ("checkpoint_quarantined", "checkpoint_set_aside", "checkpoints_set_aside"):
             found.append(Mark("quarantine", e["time"], last))
+        elif kind == "loss_rebaselined":
+            found.append(Mark("rebaselined", e["time"], last))
         elif kind in ("halted", "save_refused", "resume_refused"):
             found.append(Mark("halted", e["time"], last))
         elif kind == "finished":

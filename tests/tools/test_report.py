@@ -330,6 +330,26 @@ def test_a_long_idle_gap_is_cut_short_on_the_time_axis(extended_run: Path, tmp_p
     assert any(t < first[-1] for t in ticks) and any(t > second[0] for t in ticks), "true times both sides"
 
 
+def test_a_rebaselined_loss_window_is_drawn_where_it_happened(real_run: Path, tmp_path: Path) -> None:
+    """The guard's ``loss_rebaselined`` event (the fields it emits) is a marker on every step axis of its
+    stage, with its own legend entry: the skips before it and the losses after it read as one story."""
+    run = copy_logs(real_run, tmp_path / "run")
+    at = next(e for e in events(run, "checkpoint_saved") if e["step"] > 6)
+    rebased = {"event": "loss_rebaselined", "time": at["time"] + 1e-3, "stage": "ldm", "step": 10, "rank": 0,
+               "spikes": 10, "level": 0.5}
+    with (run / "events.jsonl").open("a") as f:
+        f.write(json.dumps(rebased) + "\n")
+
+    fig, block = ldm_figure(run)
+    marked = [ax for ax in block.axes if any(
+        line.get_color() == "tab:olive" and list(line.get_xdata()) == [10, 10] for line in ax.lines)]
+    assert len(marked) >= 3, "loss, gradient and skip panels at least"
+    [legend] = fig.legends
+    assert "loss spikes taken as the new level" in [t.get_text() for t in legend.get_texts()]
+    _, plain = ldm_figure(real_run)
+    assert not any(line.get_color() == "tab:olive" for ax in plain.axes for line in ax.lines)
+
+
 def test_eighty_skips_at_one_step_are_drawn_however_long_the_run(extended_run: Path) -> None:
     """On a 220-step axis a step is narrower than a pixel: the skips are drawn as a stem and a marker
     sized in points, so 80 of them at one step stand out."""
