@@ -6,6 +6,7 @@ in the same invocation (speed is measured, never asserted).
 
     python bench/bench_checkpoint.py                      # tiny and medium, 5 rounds each
     python bench/bench_checkpoint.py --size medium --repeats 9
+    python bench/bench_checkpoint.py --size tiny medium large --summary s.json   # what `python -m bench` runs
 
 See ``bench/README.md`` for what each side does.
 """
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
+import json
 import logging
 import os
 import platform
@@ -44,7 +46,9 @@ from radiodiff_resume.trainer.ldm import LatentDiffusionTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "radio_tiny.yaml"
-AIM_SAVE, AIM_LOAD = 1.2, 1.5
+AIM_SAVE, AIM_LOAD, AIM_THROUGHPUT = 1.1, 1.3, 0.7
+"""Issue 20's aims: a save blocks training ≤ 1.1× save_state, load + verify ≤ 1.3× load_state, and the
+save writes at ≥ 70 % of this disk's plain write + fsync of the same bytes."""
 
 SIZES: dict[str, list[str]] = {
     # configs/radio_tiny.yaml as shipped (UNet [32, 64], 64 px maps, 16x16 latents).
@@ -52,6 +56,14 @@ SIZES: dict[str, list[str]] = {
     # A wider, deeper UNet: the checkpoint is tens of MB, so I/O weighs more than Python overhead.
     "medium": [
         "model.unet.params.block_out_channels=[64,128,256]",
+        "model.unet.params.down_block_types=[DownBlock2D,DownBlock2D,DownBlock2D]",
+        "model.unet.params.up_block_types=[UpBlock2D,UpBlock2D,UpBlock2D]",
+        "data.image_size=64",
+    ],
+    # The medium layout three times as wide: about 90 M parameters, ~1.5 GB of state (weights, EMA,
+    # AdamW moments, first stage).
+    "large": [
+        "model.unet.params.block_out_channels=[192,384,768]",
         "model.unet.params.down_block_types=[DownBlock2D,DownBlock2D,DownBlock2D]",
         "model.unet.params.up_block_types=[UpBlock2D,UpBlock2D,UpBlock2D]",
         "data.image_size=64",
@@ -137,6 +149,8 @@ class Bench:
         self.ours = trainer.checkpointer.store.folder / f"step-{trainer.state.step:08d}"
         self.base = work / "accelerate"
         self.base_fsync = work / "accelerate_fsync"
+        self.disk = work / "plain.bin"
+        self._disk_data = memoryview(b"")
         # prepare() registered the model and the optimizer (and would have a scheduler / dataloaders,
         # but the trainer prepares neither). Register the rest so that both sides hold the same state.
         self.acc.register_for_checkpointing(
@@ -161,6 +175,37 @@ class Bench:
 
         return _timed(run)
 
+    def op_disk(self) -> float:
+        """This disk's plain speed for our checkpoint's bytes: one file written from memory, fsynced."""
+        size = dir_bytes(self.ours)[0]
+        if len(self._disk_data) != size:
+            block = os.urandom(1 << 20)
+            self._disk_data = memoryview((block * (size // len(block) + 1))[:size])
+        data = self._disk_data
+        self.disk.unlink(missing_ok=True)
+
+        def run() -> None:
+            with self.disk.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+
+        seconds = _timed(run)
+        self.disk.unlink()
+        return seconds
+
+    def op_snapshot(self) -> float:
+        """Device → host copy of the state a save holds (GPU only): what training must wait for at the
+        least before a save can go on in the background."""
+        state = self.trainer.state_dict()
+
+        def run() -> None:
+            copies = [t.to("cpu", non_blocking=True) for t in _tensors(state) if t.device.type != "cpu"]
+            torch.cuda.synchronize()
+            del copies
+
+        return _timed(run)
+
     def ours_load(self) -> None:
         """What ``Checkpointer.resume`` does on rank 0 for a chosen checkpoint."""
         ckpt = self.trainer.checkpointer
@@ -178,6 +223,38 @@ class Bench:
     def op_probe(self) -> float:
         inputs = self.trainer.probe_inputs()
         return _timed(lambda: self.trainer.probe_value(inputs))
+
+
+def _tensors(tree: tp.Any) -> tp.Iterator[torch.Tensor]:
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _tensors(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _tensors(v)
+
+
+def read_hash_split(folder: Path) -> dict[str, float]:
+    """Seconds to read every file of ``folder`` into memory (no hash), to hash those bytes in memory (one
+    thread, the manifest's hash), and to do both as a load does (``read_files``: threads)."""
+    manifest = files_mod.read_manifest(folder)
+    names = list(manifest.files)
+    blobs: dict[str, bytes] = {}
+
+    def read() -> None:
+        for n in names:
+            blobs[n] = (folder / n).read_bytes()
+
+    def hash_() -> None:
+        for n in names:
+            h = files_mod.hasher(manifest.files[n].algorithm)
+            h.update(blobs[n])
+            h.hexdigest()
+
+    return {"read": _timed(read), "hash": _timed(hash_),
+            "both": _timed(lambda: files_mod.read_files(folder, manifest.files, names))}
 
 
 def _timed(fn: tp.Callable[[], object]) -> float:
@@ -266,7 +343,7 @@ def breakdown(bench: Bench, repeats: int) -> tuple[dict[str, float], dict[str, f
     load_targets = [
         (verify_mod, "read_manifest", "manifest parse + checksum"),
         (verify_mod, "listing_problems", "folder listing (stat)"),
-        (verify_mod, "read_files", "read once + sha256 (threads)"),
+        (verify_mod, "read_files", "read once + hash as read (threads)"),
         (files_mod, "read_safetensors", "safetensors decode (views of the bytes read)"),
         (verify_mod, "decode_component", "JSON parse + tree decode"),
         (checkpointer_mod, "check_keys", "keys check"),
@@ -312,7 +389,10 @@ class SizeResult:
     base_files: str
     save_parts: dict[str, float]
     load_parts: dict[str, float]
+    split: dict[str, float]
+    """:func:`read_hash_split` of our checkpoint (medians)."""
     build_s: float
+    device: str
 
     def med(self, op: str) -> float:
         return statistics.median(self.times[op])
@@ -325,23 +405,26 @@ def run_size(size: str, root: Path, repeats: int, steps: int, cache_dir: str | N
     build_s = time.perf_counter() - start
     bench = Bench(trainer, work)
     # Warm-up, untimed: first calls pay lazy imports and allocator growth on both sides.
+    gpu = trainer.accelerator.device.type == "cuda"
+    extra = [("probe", bench.op_probe), ("disk", bench.op_disk)] + ([("snapshot", bench.op_snapshot)]
+                                                                   if gpu else [])
     for op in (bench.op_ours_save, bench.op_base_save, bench.op_base_save_fsync, bench.op_ours_load,
-               bench.op_base_load, bench.op_probe):
+               bench.op_base_load, *(op for _, op in extra)):
         op()
-    times: dict[str, list[float]] = {k: [] for k in
-                                     ("ours_save", "base_save", "base_save_fsync", "ours_load",
-                                      "base_load", "probe")}
     saves = [("ours_save", bench.op_ours_save), ("base_save", bench.op_base_save),
              ("base_save_fsync", bench.op_base_save_fsync)]
     loads = [("ours_load", bench.op_ours_load), ("base_load", bench.op_base_load)]
+    times: dict[str, list[float]] = {k: [] for k, _ in (*saves, *loads, *extra)}
     for r in range(repeats):
         # A B A B ..., with the order flipped every other round so neither side always goes first.
         order = saves + loads if r % 2 == 0 else saves[::-1] + loads[::-1]
-        for name, op in [*order, ("probe", bench.op_probe)]:
+        for name, op in [*order, *extra]:
             times[name].append(op())
         print(f"  {size} round {r + 1}/{repeats}: " + ", ".join(
             f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()), flush=True)
     save_parts, load_parts = breakdown(bench, repeats=3)
+    splits = [read_hash_split(bench.ours) for _ in range(3)]
+    split = {k: statistics.median(s[k] for s in splits) for k in splits[0]}
     result = SizeResult(
         size=size,
         params=sum(p.numel() for p in trainer.params),
@@ -353,7 +436,9 @@ def run_size(size: str, root: Path, repeats: int, steps: int, cache_dir: str | N
         base_files=file_listing(bench.base),
         save_parts=save_parts,
         load_parts=load_parts,
+        split=split,
         build_s=build_s,
+        device=str(trainer.accelerator.device),
     )
     # Leave the disk as we found it (the temp root is removed at the end as well).
     for folder in (bench.ours, bench.base, bench.base_fsync):
@@ -408,6 +493,7 @@ def size_section(r: SizeResult) -> str:
     probe = r.med("probe")
     save_np = (r.med("ours_save") - probe) / r.med("base_save")
     load_np = (r.med("ours_load") - probe) / r.med("base_load")
+    throughput = r.med("disk") / r.med("ours_save")
     n = len(r.times["ours_save"])
     lines = [
         f"### {r.size}: {r.params / 1e6:.2f} M trainable parameters, {r.model_tensors} model tensors",
@@ -416,7 +502,8 @@ def size_section(r: SizeResult) -> str:
         "",
         "| operation | ours ms | baseline ms | ratio | ratio of minimums | aim |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
-        _row("save", r, "ours_save", "base_save", f"≤ {AIM_SAVE}×", bold=True),
+        _row("save (blocks training for all of it)", r, "ours_save", "base_save", f"≤ {AIM_SAVE}×",
+             bold=True),
         _row("save vs baseline + fsync of its files (labelled variant)", r, "ours_save", "base_save_fsync",
              "–"),
         _row("load + verify (probe forward included)", r, "ours_load", "base_load", f"≤ {AIM_LOAD}×",
@@ -424,6 +511,15 @@ def size_section(r: SizeResult) -> str:
         f"| bytes on disk | {_fmt_bytes(r.ours_bytes[0])} in {r.ours_bytes[1]} files | "
         f"{_fmt_bytes(r.base_bytes[0])} in {r.base_bytes[1]} files | "
         f"{r.ours_bytes[0] / r.base_bytes[0]:.2f}× | | – |",
+        f"| save throughput: plain write + fsync of the same bytes / our save | {_ms(r.med('ours_save'))} | "
+        f"{_ms(r.med('disk'))} | {throughput:.0%} of the disk's speed | | ≥ {AIM_THROUGHPUT:.0%} |",
+        *([f"| device → host snapshot of the state / our save | {_ms(r.med('ours_save'))} | "
+           f"{_ms(r.med('snapshot'))} (snapshot) | {r.med('snapshot') / r.med('ours_save'):.1%} | | – |"]
+          if "snapshot" in r.times else []),
+        "",
+        f"Reading and hashing apart (median of 3): reading every file into memory takes "
+        f"{_ms(r.split['read'])} ms, hashing those bytes in memory on one thread {_ms(r.split['hash'])} ms, "
+        f"and the load's read-and-hash-as-read (threads) {_ms(r.split['both'])} ms.",
         "",
         f"One probe forward, timed on its own: {_ms(probe)} ms ({_spread(r.times['probe'])}). "
         f"Without it (derived, not measured) the ratios would be {_ratio_or_na(save_np)} (save) and "
@@ -470,11 +566,11 @@ the content matches (they become `custom_checkpoint_0..4.pkl`, in that order).
 
 - **ours, save** = `trainer.checkpointer.save()`: `state_dict()`, non-finite scan of model /
   EMA / optimizer, probe forward on stored inputs, safetensors + JSON per component (no
-  pickle) serialised to bytes, sha256 of those bytes, written to a staging folder with an
+  pickle) serialised to bytes, XXH3-128 of those bytes, written to a staging folder with an
   fsync per file, `manifest.json` (with its checksum), atomic rename, fsync of the folders,
   retention, an `events.jsonl` line.
 - **ours, load + verify** = `checkpointer.verify_and_load(path)` (manifest and its checksum,
-  listing, each file read once and its sha256 taken from the bytes read, decode from those
+  listing, each file read once and its XXH3-128 taken from the bytes read, decode from those
   bytes, component shape checks, non-finite scan, scale_factor, strict keys / shapes / dtypes,
   `load_state_dict`, probe forward recomputed and compared) followed by the rank state
   restore, i.e. what `resume()` does on rank 0.
@@ -484,6 +580,9 @@ the content matches (they become `custom_checkpoint_0..4.pkl`, in that order).
   of its folders (per file, no `os.sync()`): the durability cost that plain accelerate skips.
 - **baseline, load** = `accelerator.load_state(dir)`: reads and loads the same objects; no
   integrity check at all.
+- **disk** = one file of our checkpoint's size written from memory and fsynced: the plain speed of
+  this disk for those bytes (the save-throughput aim).
+- **snapshot** (GPU only) = a device → host copy of every tensor of the state a save holds.
 
 Both sides load from a checkpoint written moments before, so reads come from the page cache
 on both sides. Rounds interleave the two sides (A B A B …, order flipped every other round)
@@ -510,24 +609,59 @@ def write_results(path: Path, results: list[SizeResult], args: argparse.Namespac
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, accelerate "
         f"{accelerate.__version__}, safetensors {safetensors.__version__}",
         f"- command: `python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}` "
-        f"(sizes {', '.join(args.size)}, {args.repeats} rounds, {args.steps} training steps before "
+        f"(sizes {', '.join(args.size)}, {args.repeats} rounds ({min(args.repeats, args.repeats_large)} for "
+        f"large), {args.steps} training steps before "
         f"measuring; whole run {total_s:.0f} s)",
-        f"- aims (from the issue): save ≤ {AIM_SAVE}×, load + verify ≤ {AIM_LOAD}× (probe forward included)",
+        f"- aims (issue 20): save blocks training ≤ {AIM_SAVE}× save_state, load + verify ≤ {AIM_LOAD}× "
+        f"load_state (probe forward included), save throughput ≥ {AIM_THROUGHPUT:.0%} of plain write + fsync",
+        f"- device: {results[0].device if results else 'none'}",
         "",
         "## Summary",
         "",
         "| size | checkpoint (ours / accelerate) | save ratio | save ratio vs accelerate + fsync | "
-        "load + verify ratio |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "load + verify ratio | save throughput / disk |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
     ]
     for r in results:
         head.append(
             f"| {r.size} | {_fmt_bytes(r.ours_bytes[0])} / {_fmt_bytes(r.base_bytes[0])} | "
             f"{r.med('ours_save') / r.med('base_save'):.2f}× | "
             f"{r.med('ours_save') / r.med('base_save_fsync'):.2f}× | "
-            f"{r.med('ours_load') / r.med('base_load'):.2f}× |")
+            f"{r.med('ours_load') / r.med('base_load'):.2f}× | {r.med('disk') / r.med('ours_save'):.0%} |")
     body = ["", FAIRNESS, "## Results per size", ""] + [size_section(r) for r in results]
     write_section(path, "bench_checkpoint", "\n".join(head + body))
+
+
+def headline(results: list[SizeResult]) -> list[dict[str, tp.Any]]:
+    """Rows for the headline table of ``python -m bench`` (each a same-run ratio, with its aim)."""
+    rows = []
+    for r in results:
+        what = f"{r.size}, {_fmt_bytes(r.ours_bytes[0])} of state"
+        save, load, disk = r.med("ours_save"), r.med("ours_load"), r.med("disk")
+        rows += [
+            _headline_row(f"verified save / `save_state` ({what})", save, r.med("base_save"),
+                          f"≤ {AIM_SAVE}×", save / r.med("base_save") <= AIM_SAVE, r.device,
+                          f"largest parts: {_top(r.save_parts)}"),
+            _headline_row(f"load + verify / `load_state` ({what})", load, r.med("base_load"),
+                          f"≤ {AIM_LOAD}×", load / r.med("base_load") <= AIM_LOAD, r.device,
+                          f"read {_ms(r.split['read'])} ms, hash {_ms(r.split['hash'])} ms, probe "
+                          f"{_ms(r.med('probe'))} ms; largest parts: {_top(r.load_parts)}"),
+            {**_headline_row(f"save throughput / plain write + fsync of the same bytes ({what})", save, disk,
+                             f"≥ {AIM_THROUGHPUT:.0%}", disk / save >= AIM_THROUGHPUT, r.device,
+                             "baseline: one file of the same size written from memory and fsynced"),
+             "ratio": disk / save},
+        ]
+        if "snapshot" in r.times:
+            rows.append(_headline_row(f"device → host snapshot / verified save ({what})", r.med("snapshot"),
+                                      save, "–", None, r.device,
+                                      "what an asynchronous save would block for at the least"))
+    return rows
+
+
+def _headline_row(what: str, ours: float, base: float, aim: str, met: bool | None, device: str,
+                  note: str) -> dict[str, tp.Any]:
+    return {"bench": "bench_checkpoint", "what": what, "ours_s": ours, "base_s": base, "ratio": ours / base,
+            "aim": aim, "met": met, "device": device, "note": note}
 
 
 def _fs_type(path: Path) -> str:
@@ -555,7 +689,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch.set_num_threads for the whole run (default 1: stable when other "
                              "processes share the cores; 0 keeps torch's own choice)")
+    parser.add_argument("--repeats-large", type=int, default=3,
+                        help="rounds for the large size (default 3: each round writes ~4.5 GB)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="also write the headline rows as JSON here (for `python -m bench`)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -570,12 +708,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for size in args.size:
             print(f"{size}: building and training the trainer ...", flush=True)
-            results.append(run_size(size, root, args.repeats, args.steps, args.cache_dir))
+            repeats = min(args.repeats, args.repeats_large) if size == "large" else args.repeats
+            results.append(run_size(size, root, repeats, args.steps, args.cache_dir))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     total = time.perf_counter() - start
     args.load_after = os.getloadavg()[0]
     write_results(args.out, results, args, total, root)
+    if args.summary:
+        args.summary.write_text(json.dumps(headline(results), indent=1))
     for r in results:
         print(f"{r.size}: save {r.med('ours_save') / r.med('base_save'):.2f}x "
               f"(vs +fsync {r.med('ours_save') / r.med('base_save_fsync'):.2f}x), "

@@ -20,6 +20,7 @@ import datetime as dt
 import functools
 import gc
 import itertools
+import json
 import logging
 import os
 import platform
@@ -667,6 +668,25 @@ def write_results(path: Path, results: list[SizeResult], args: argparse.Namespac
     write_section(path, SECTION, "\n".join(head + body))
 
 
+def headline(results: list[SizeResult]) -> list[dict[str, tp.Any]]:
+    """Rows for the headline table of ``python -m bench``: guard overhead and host syncs per step."""
+    rows = []
+    for r in results:
+        aim = _aim(r.device)
+        g_p = r.ratio("guarded", "plain")
+        syncs = len(r.syncs["guarded"]) / r.sync_steps
+        rows.append({"bench": SECTION, "what": f"guarded step / plain accelerate step ({r.size})",
+                     "ours_s": r.med("guarded"), "base_s": r.med("plain"), "ratio": g_p, "aim": f"≤ {aim}×",
+                     "met": g_p <= aim, "device": r.device,
+                     "note": f"min-of-rounds ratio {r.ratio_min('guarded', 'plain'):.3f}×, guards' cost from "
+                             f"the parts {derived_cost(r) / r.med('off') * 100:+.1f}%"})
+        rows.append({"bench": SECTION, "what": f"host syncs per step, guarded / plain loop ({r.size})",
+                     "ours_s": syncs, "base_s": len(r.syncs["plain"]) / r.sync_steps, "unit": "syncs",
+                     "ratio": None, "aim": "1 per guarded step", "met": syncs == 1, "device": r.device,
+                     "note": "counted with an instrumented torch.Tensor, as tests/guard/test_syncs.py does"})
+    return rows
+
+
 def _malloc_settings() -> str:
     env = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD", "GLIBC_TUNABLES"))}
     if not env:
@@ -697,6 +717,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
                         help="results file; only its bench_guard section is replaced "
                              "(default bench/RESULTS.md)")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="also write the headline rows as JSON here (for `python -m bench`)")
     args = parser.parse_args(argv)
     for name in ("repeats", "steps", "breakdown_passes"):
         if getattr(args, name) < 1:
@@ -720,6 +742,8 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - start
     args.load_after = os.getloadavg()[0]
     write_results(args.out, results, args, total)
+    if args.summary:
+        args.summary.write_text(json.dumps(headline(results), indent=1))
     for r in results:
         print(f"{r.size}: guarded/plain {r.ratio('guarded', 'plain'):.3f}x, guarded/off "
               f"{r.ratio('guarded', 'off'):.3f}x, off/plain {r.ratio('off', 'plain'):.3f}x; syncs/step "

@@ -63,11 +63,13 @@ def seconds(fn: tp.Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS.md",
+                        help="results file; only its bench_network section is replaced")
+    args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     image = torch.rand(1, 1, 256, 256) * 2 - 1
     cond = torch.rand(1, 3, 256, 256) * 2 - 1
@@ -108,7 +110,7 @@ def main() -> None:
         f"RadioDiff / default, same run: training step {ratio['train']:.2f}×, 1-step sample "
         f"{ratio['sample']:.2f}×.",
     ])
-    write_section(REPO / "bench" / "RESULTS.md", "bench_network", body)
+    write_section(args.out, "bench_network", body)
     print(body)
 
 

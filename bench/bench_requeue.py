@@ -635,6 +635,36 @@ def summary_rows(results: list[SideResult]) -> list[str]:
     return rows
 
 
+def headline(results: list[SideResult]) -> list[dict[str, tp.Any]]:
+    """Rows for the headline table of ``python -m bench``: steps lost per preemption and resume latency
+    (process start → first step of a resumed run), ours against the baseline side of this run."""
+    by = {res.side.name: res for res in results}
+    ours, base = by.get("ours"), by.get("baseline")
+    if ours is None or base is None:
+        return []
+    lost = [statistics.mean([p.lost for p in res.pre]) if res.pre else None for res in (ours, base)]
+    first = [_med(res.to_first("resumed")) for res in (ours, base)]
+    back = [[p.signal_to_back for p in res.pre if p.signal_to_back is not None] for res in (ours, base)]
+    wall = [statistics.mean(b) if b else None for b in back]
+
+    def row(what: str, pair: list[float | None], aim: str, met: bool | None, note: str,
+            unit: str = "s") -> dict[str, tp.Any]:
+        a, b = pair
+        return {"bench": SECTION, "what": what, "ours_s": a, "base_s": b, "unit": unit,
+                "ratio": None if a is None or not b else a / b, "aim": aim, "met": met,
+                "device": "cpu (local SLURM cluster)", "note": note}
+
+    return [
+        row("steps lost per preemption, mean (USR2 → save → requeue / SIGKILL → requeue)", lost, "0 lost",
+            lost[0] == 0 if lost[0] is not None else None,
+            f"{lost[0]:.1f} against {lost[1]:.1f} steps" if None not in lost else "not measured", "steps"),
+        row("resume latency: process start → first step of a resumed run", first, "–", None,
+            f"{_s(first[0])} s against {_s(first[1])} s"),
+        row("wall time lost per preemption (signal → back past the step reached)", wall, "–", None,
+            f"{_s(wall[0])} s against {_s(wall[1])} s"),
+    ]
+
+
 def _diff(later: float | None, earlier: float | None, digits: int = 1) -> str:
     return "–" if later is None or earlier is None else f"{later - earlier:.{digits}f}"
 
@@ -901,6 +931,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "RESULTS.md",
                         help="results file; only its bench_requeue section is replaced "
                              "(default bench/RESULTS.md)")
+    parser.add_argument("--summary", type=Path, default=None,
+                        help="also write the headline rows as JSON here (for `python -m bench`)")
     args = parser.parse_args(argv)
     if args.preemptions < 1:
         parser.error("--preemptions must be >= 1")
@@ -951,6 +983,8 @@ def main(argv: list[str] | None = None) -> None:
         "slurm": run(["scontrol", "--version"], env).strip(), "total_s": time.perf_counter() - start,
     }
     write_results(args.out, results, args, meta)
+    if args.summary:
+        args.summary.write_text(json.dumps(headline(results), indent=1))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     for res in results:

@@ -20,7 +20,7 @@ import re
 import tempfile
 from pathlib import Path
 
-ORDER = ("bench_checkpoint", "bench_guard", "bench_requeue", "bench_network")
+ORDER = ("headline", "bench_checkpoint", "bench_hash", "bench_guard", "bench_requeue", "bench_network")
 """Where a new section goes: sections keep this order (unknown names come last)."""
 LEGACY_OWNER = "bench_checkpoint"
 """Owner of a file that has no markers yet (bench_checkpoint wrote the whole file before)."""

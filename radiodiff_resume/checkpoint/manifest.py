@@ -2,8 +2,13 @@
 
 A folder counts as a checkpoint only if ``manifest.json`` exists, parses into this
 schema, carries its own checksum, and every file it lists has the recorded size and
-SHA-256. Parsing is strict: a field the format requires is required, with the type
+digest. Parsing is strict: a field the format requires is required, with the type
 and range it must have, so no check downstream can pass on a missing or NaN value.
+
+Each file record names its hash: ``{"xxh3_128": hex, "bytes": n}`` since format version 3
+(XXH3-128 keeps up with the disk where SHA-256 does not; ``bench/RESULTS.md``), and
+``{"sha256": hex, "bytes": n}`` in version 2, which is still read. The digests detect
+corruption; they are not a signature: whoever can write the folder can reseal it.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ import re
 import typing as tp
 from dataclasses import asdict, dataclass, field, fields
 
+import xxhash
+
 FORMAT = "radiodiff_resume/checkpoint"
-VERSION = 2
+VERSION = 3
+READABLE = (2, 3)
+"""Version 2 differs only in hashing every file with SHA-256 (a manifest read is written back as 3)."""
 MANIFEST = "manifest.json"
 OPTIONAL_FIELD = "provenance"
 MAX_MANIFEST_BYTES = 16 << 20
@@ -35,10 +44,36 @@ class ManifestError(ValueError):
         """False when the file is sound but written by another format version."""
 
 
+class Hasher(tp.Protocol):
+    def update(self, data: tp.Any, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+HASHES: dict[str, tuple[tp.Callable[[], Hasher], int]] = {
+    "xxh3_128": (xxhash.xxh3_128, 32),
+    "sha256": (hashlib.sha256, 64),
+}
+"""Hash name → (constructor, hex digits). ``sha256`` is read (version 2 checkpoints, imported files)."""
+HASH = "xxh3_128"
+"""What a save hashes with."""
+
+
 @dataclass
 class FileRecord:
-    sha256: str
+    """A listed file's digest and size; ``algorithm`` is a key of :data:`HASHES` (SHA-256 unless named:
+    what format 2 and an import's passengers record)."""
+
+    digest: str
     bytes: int
+    algorithm: str = "sha256"
+
+    def to_json(self) -> dict[str, tp.Any]:
+        return {self.algorithm: self.digest, "bytes": self.bytes}
+
+
+def hasher(algorithm: str) -> Hasher:
+    """A fresh hash object of a known algorithm (see :data:`HASHES`)."""
+    return HASHES[algorithm][0]()
 
 
 @dataclass
@@ -76,6 +111,7 @@ class Manifest:
 
     def to_json(self) -> str:
         body = asdict(self)
+        body["files"] = {name: record.to_json() for name, record in self.files.items()}
         if not body[OPTIONAL_FIELD]:
             del body[OPTIONAL_FIELD]
         body["checksum"] = checksum(body)
@@ -105,11 +141,11 @@ class Manifest:
         version = raw.get("version")
         if not _is_int(version):
             raise ManifestError(f"'version' must be an int, got {_short_repr(version)}")
-        if version != VERSION:  # an intact manifest of another format version: not damage
+        if version not in READABLE:  # an intact manifest of another format version: not damage
             raise ManifestError(
                 f"format version {raw.get('version')!r}, this build of radiodiff_resume reads version "
-                f"{VERSION}: finish that run with the version that wrote it, or start a new run with "
-                "checkpoint.resume=never", integrity=False)
+                f"{' or '.join(map(str, READABLE))}: finish that run with the version that wrote it, or "
+                "start a new run with checkpoint.resume=never", integrity=False)
         _get(raw, "checksum", str)
         expected = {f.name for f in fields(cls)} | {"checksum"}
         if set(raw) | {OPTIONAL_FIELD} != expected:
@@ -220,20 +256,36 @@ def _files(raw: tp.Mapping[str, tp.Any]) -> dict[str, FileRecord]:
     for name, record in raw.items():
         if not FILE_NAME.fullmatch(name) or name == MANIFEST:
             raise ManifestError(f"lists {name!r}, which is not a plain file name inside the checkpoint")
-        if not isinstance(record, dict) or set(record) != {"sha256", "bytes"}:
-            raise ManifestError(f"files[{name!r}] must be {{sha256, bytes}}")
-        digest, size = record["sha256"], record["bytes"]
-        if not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
-            raise ManifestError(f"files[{name!r}].sha256 is not a SHA-256 hex digest")
+        algorithm = _algorithm(name, record)
+        digest, size = record[algorithm], record["bytes"]
+        if not (isinstance(digest, str) and re.fullmatch(f"[0-9a-f]{{{HASHES[algorithm][1]}}}", digest)):
+            raise ManifestError(f"files[{name!r}].{algorithm} is not a {algorithm} hex digest")
         if not (_is_int(size) and size >= 0):
             raise ManifestError(f"files[{name!r}].bytes must be an int >= 0")
-        files[name] = FileRecord(sha256=digest, bytes=size)
+        files[name] = FileRecord(digest=digest, bytes=size, algorithm=algorithm)
     return files
 
 
+def _algorithm(name: str, record: tp.Any) -> str:
+    """The hash a file record names. A well-formed name this build does not know is a checkpoint of
+    a newer build, not damage (the manifest's checksum already vouched for the record)."""
+    keys = sorted(record) if isinstance(record, dict) else []
+    named = [k for k in keys if k != "bytes"]
+    if "bytes" not in keys or len(named) != 1 or not re.fullmatch(r"[a-z0-9_]{1,32}", named[0]):
+        raise ManifestError(f"files[{name!r}] must be {{<hash name>: <hex digest>, bytes}}")
+    algorithm = named[0]
+    if algorithm not in HASHES:
+        raise ManifestError(
+            f"files[{name!r}] is hashed with '{algorithm}', which this build of radiodiff_resume does not "
+            f"know (it knows {', '.join(HASHES)}): resume it with the version that wrote it", integrity=False)
+    return algorithm
+
+
 def record_of(data: bytes) -> FileRecord:
-    """Size and SHA-256 of bytes about to be written (or just read): hashed once, from memory."""
-    return FileRecord(sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+    """Size and digest of bytes about to be written (or just read): hashed once, from memory."""
+    digest = hasher(HASH)
+    digest.update(data)
+    return FileRecord(digest=digest.hexdigest(), bytes=len(data), algorithm=HASH)
 
 
 def step_dirname(step: int) -> str:

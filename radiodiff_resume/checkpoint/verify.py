@@ -4,9 +4,9 @@ Integrity levels — a failure proves the checkpoint is damaged, so discovery ma
 to quarantine and fall back to an older one:
 
 1. ``structure`` — the manifest parses into the format (with its own checksum); every
-   listed file is a regular file with its size and SHA-256, read once and decoded from
-   those same bytes; nothing missing or stray; every component has the shape the format
-   requires; step, world size and rank files agree with each other.
+   listed file is a regular file with its size and digest (XXH3-128; SHA-256 in format 2),
+   read once and decoded from those same bytes; nothing missing or stray; every component has
+   the shape the format requires; step, world size and rank files agree with each other.
 2. ``finite`` — every floating tensor is finite, and no second moment or variance
    (Adam's ``exp_avg_sq``, ``max_exp_avg_sq``, ``running_var``) is negative: its square root is
    NaN, so the first step or forward that uses it would poison the weights. Running statistics

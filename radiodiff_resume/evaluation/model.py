@@ -143,6 +143,6 @@ def _identity(trainer: LatentDiffusionTrainer, path: Path) -> dict[str, tp.Any]:
     """The checkpoint's step and a digest of its files' hashes (its content, wherever it lies)."""
     report = tp.cast(tp.Any, trainer.checkpointer.verified)
     files = report.checkpoint.manifest.files
-    text = "".join(f"{name} {files[name].sha256}\n" for name in sorted(files))
+    text = "".join(f"{name} {files[name].digest}\n" for name in sorted(files))
     return {"source": "checkpoint", "name": path.name, "step": trainer.state.step,
             "content": hashlib.sha256(text.encode()).hexdigest()[:16]}

@@ -122,7 +122,7 @@ CORRUPTIONS: dict[str, tuple[tp.Callable[[Path], None], str, str]] = {
     "truncated-model": (lambda c: truncate(c / "model.safetensors"), "structure",
                         r"model\.safetensors has \d+ bytes, manifest says \d+"),
     "flipped-optimizer-byte": (lambda c: flip_byte(c / "optimizer.safetensors"), "structure",
-                               r"optimizer\.safetensors sha256 mismatch"),
+                               r"optimizer\.safetensors xxh3_128 mismatch"),
     "missing-rank-file": (lambda c: (c / "rank-00000.json").unlink(), "structure",
                           r"rank-00000\.json missing"),
     "stray-file": (lambda c: (c / "notes.txt").write_text("hi"), "structure",

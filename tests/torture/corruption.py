@@ -632,7 +632,7 @@ def manifest_mutations() -> list[Mutation]:
         m("files-empty", _set("files", {}), r"world_size 1 but only 0 file\(s\) listed"),
         m("listed-subdirectory", _listed_subdirectory, "not a regular file"),
         m("record-extra-field", edit_manifest(lambda r: r["files"]["model.json"].update(mode=420)),
-          r"must be \{sha256, bytes\}"),
+          r"must be \{<hash name>: <hex digest>, bytes\}"),
         m("record-bytes-negative", edit_manifest(lambda r: r["files"]["model.json"].update(bytes=-1)),
           r"bytes must be an int >= 0"),
         m("record-bytes-bool", edit_manifest(lambda r: r["files"]["data.json"].update(bytes=True)),
@@ -641,10 +641,10 @@ def manifest_mutations() -> list[Mutation]:
             lambda r: r["files"]["data.json"].update(bytes=float(r["files"]["data.json"]["bytes"]))),
           r"bytes must be an int >= 0"),
         m("record-sha-uppercase", edit_manifest(
-            lambda r: r["files"]["model.json"].update(sha256=r["files"]["model.json"]["sha256"].upper())),
-          "not a SHA-256 hex digest"),
-        m("record-wrong-sha", edit_manifest(lambda r: r["files"]["model.json"].update(sha256="ab" * 32)),
-          "sha256 mismatch"),
+            lambda r: r["files"]["model.json"].update(xxh3_128=r["files"]["model.json"]["xxh3_128"].upper())),
+          "is not a xxh3_128 hex digest"),
+        m("record-wrong-sha", edit_manifest(lambda r: r["files"]["model.json"].update(xxh3_128="ab" * 16)),
+          "xxh3_128 mismatch"),
         m("record-wrong-bytes", edit_manifest(
             lambda r: r["files"]["optimizer.json"].update(bytes=r["files"]["optimizer.json"]["bytes"] + 1)),
           r"optimizer\.json has \d+ bytes, manifest says \d+"),

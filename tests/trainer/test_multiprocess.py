@@ -75,6 +75,6 @@ def test_two_processes_skip_a_corrupt_checkpoint_together(tmp_path: Path, synth_
     assert proc.returncode == 0, proc.stderr[-4000:]
     events = [json.loads(x) for x in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
     quarantined = [e for e in events if e["event"] == "checkpoint_quarantined"]
-    assert len(quarantined) == 1 and "sha256 mismatch" in quarantined[0]["reason"]
+    assert len(quarantined) == 1 and "xxh3_128 mismatch" in quarantined[0]["reason"]
     assert [e["step"] for e in events if e["event"] == "resumed"] == [5]
     assert (tmp_path / "run" / "checkpoints" / "step-00000012" / "manifest.json").is_file()
