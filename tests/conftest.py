@@ -1,11 +1,15 @@
-"""Shared fixtures: a tiny synthetic dataset and a tiny config that trains in seconds on CPU."""
+"""Shared fixtures: a tiny synthetic dataset, a tiny config that trains in seconds on CPU, and the one
+golden run of the session that the checkpoint, tool and torture tests copy."""
 
 from __future__ import annotations
 
+import copy
 import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from radiodiff_resume.build import write_untrained_first_stage
 from radiodiff_resume.config import Config, build_config
@@ -63,6 +67,29 @@ def tiny_raw(results: Path, cache: Path) -> dict[str, tp.Any]:
     }
 
 
+def pytest_terminal_summary(terminalreporter: tp.Any, config: pytest.Config) -> None:
+    """Which tests the marker selection left out, said at the end even under -q: scripts/test.sh's
+    default run leaves the slow tier out."""
+    expression = config.option.markexpr
+    if not expression:
+        terminalreporter.write_line("marker selection: none (no -m): no test was left out for its markers")
+        return
+    fast = expression == "not slow"
+    tier = ": the fast tier (-m slow runs the slow tier, -m \"\" every test)" if fast else ""
+    terminalreporter.write_line(f"marker selection: -m {expression!r}{tier}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread() -> tp.Iterator[None]:
+    """Torch in the test process uses one intra-op thread: the tiny models gain nothing from more, and on
+    a loaded 2-core machine spinning OpenMP workers made in-process tests 2 to 4 times slower. A test
+    that needs another count sets it itself; subprocesses choose their own (most pass OMP_NUM_THREADS=1)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synth_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("synth")
@@ -83,3 +110,23 @@ def make_cfg(tmp_path: Path, synth_cache: Path) -> tp.Callable[..., Config]:
 def write_random_first_stage(cfg: Config, seed: int = 0) -> Path:
     """An untrained first stage saved where the config expects trained weights."""
     return write_untrained_first_stage(cfg, seed)
+
+
+@dataclass(frozen=True)
+class Golden:
+    results: Path
+    """Results folder of a finished 4-step run (checkpoints at steps 2 and 4); tests only copy it."""
+    state: dict[str, tp.Any]
+    """``trainer.state_dict()`` at the end of the run (what ``step-00000004`` holds)."""
+
+
+@pytest.fixture(scope="session")
+def golden(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Golden:
+    """The session's one golden run (``tests.checkpoint.helpers.GOLDEN``)."""
+    # helpers imports tiny_raw from this module: imported here, once this module is complete
+    from tests.checkpoint.helpers import train_golden
+
+    results = tmp_path_factory.mktemp("golden") / "run"
+    trainer = train_golden(results, synth_cache)
+    assert (results / "config.yaml").is_file()
+    return Golden(results, copy.deepcopy(trainer.state_dict()))

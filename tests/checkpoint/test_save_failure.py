@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import typing as tp
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -73,15 +75,36 @@ def rank_reports(out: Path) -> list[dict[str, tp.Any]]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("fail_rank", [0, 1])
-def test_write_error_on_one_rank_stops_every_rank(tmp_path: Path, synth_cache: Path, fail_rank: int) -> None:
-    cfg = write_config(tmp_path, synth_cache)
-    results = tmp_path / "run"
-    checkpoints = results / "checkpoints"
+@dataclass(frozen=True)
+class Committed:
+    cfg: Path
+    """The run's config; its results folder is ``cfg.parent / "run"``."""
+    snapshot: Path
+    """A copy of that results folder right after the 2-process launch committed step 2."""
 
+
+@pytest.fixture(scope="module")
+def committed_step2(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Committed:
+    """One real 2-process launch to step 2 for both failing ranks (each test starts from a copy of its
+    results, at the same path, so the config and its recorded folder stay those of the launch)."""
+    folder = tmp_path_factory.mktemp("save-failure")
+    cfg = write_config(folder, synth_cache)
     code, log = launch(str(TRAIN), "--cfg", str(cfg), "trainer.train_num_steps=2")
     assert code == 0, log[-6000:]
+    assert committed(folder / "run") == [STEP2]
+    shutil.copytree(folder / "run", folder / "run-at-step-2")
+    return Committed(cfg, folder / "run-at-step-2")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_rank", [0, 1])
+def test_write_error_on_one_rank_stops_every_rank(committed_step2: Committed, tmp_path: Path,
+                                                  fail_rank: int) -> None:
+    cfg = committed_step2.cfg
+    results = cfg.parent / "run"
+    checkpoints = results / "checkpoints"
+    shutil.rmtree(results)
+    shutil.copytree(committed_step2.snapshot, results)
     assert committed(results) == [STEP2]
     before = hashes(checkpoints / STEP2)
 

@@ -251,9 +251,9 @@ QUALITY = (
     "trainer.save_and_sample_every=600", "trainer.log_freq=100", "trainer.val_batches=4",
 )
 """More synthetic maps than the tiny default (held-out cities must be predictable), a first stage
-trained for 150 steps, then 600 LDM steps: about 40 s on 2 idle CPU cores. Validation RMSE with
-trainer.seed 0 there: 0.1547 (0.1545 before the loss drew its times before its noise, upstream's
-order), against 0.1858 for the best constant."""
+trained for 150 steps, then 600 LDM steps: about 30 s on one thread (the suite's) of an idle CPU.
+Validation RMSE with trainer.seed 0: 0.1546 on one thread, 0.1547 on 2 (0.1545 before the loss drew its
+times before its noise, upstream's order), against 0.1858 for the best constant."""
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ from radiodiff_resume.models.swin import StochasticDepth
 from tests.conftest import tiny_raw
 from tests.models import oracle
 
+pytestmark = pytest.mark.slow  # the full-size networks (a 225M-parameter LDM): minutes on 2 CPU cores
+
 FIRST_STAGE = "first_stage_model."
 RADIODIFF_AUTOENCODER = {
     # configs/radio_train.yaml's first stage (RadioDiff's ddconfig: ch 128, ch_mult [1, 2, 4], 2 res

@@ -41,6 +41,15 @@ class Reference(tp.NamedTuple):
     meta: dict[str, tp.Any]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def threads() -> tp.Iterator[None]:
+    """The full-size networks run on 2 threads; the count is put back for the tests after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def ref() -> Reference:
     return Reference(
@@ -74,7 +83,6 @@ def filled(ref: Reference) -> dict[str, torch.Tensor]:
 def build(variant: str, filled: dict[str, torch.Tensor]) -> RadioDiffUNet:
     """Built on the meta device (the random init of 225M parameters would be thrown away), then given
     the fill's tensors; HEAD and v1 share them."""
-    torch.set_num_threads(2)
     with torch.device("meta"):
         unet = RadioDiffUNet(**RADIO_TRAIN_UNET, without_pretrain=True, variant=variant)
     own = unet.state_dict()
@@ -131,6 +139,7 @@ def check(ref: Reference, name: str, got: torch.Tensor) -> None:
     torch.testing.assert_close(got, ref.outputs[name], **ref.meta[name]["recommended_tolerance"])
 
 
+@pytest.mark.slow  # a forward of each full-size U-Net: a minute on 2 CPU cores
 @pytest.mark.parametrize("variant", ["head", "v1"])
 def test_eval_forward_is_upstreams(ref: Reference, unets: dict[str, RadioDiffUNet], variant: str) -> None:
     """Both outputs, every element, at both times of the batch."""

@@ -1,5 +1,5 @@
-"""One real 4-step run (checkpoints at steps 2 and 4) shared by the tool tests; each test works on
-its own copy of it, with the run's own config as a YAML file."""
+"""The session's golden run (tests/conftest.py: 4 steps, checkpoints at steps 2 and 4) for the tool
+tests; each test works on its own copy of it, with the run's own config as a YAML file."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from radiodiff_resume.config import build_config, to_yaml
-from tests.checkpoint.helpers import GOLDEN, sha256_file, torch_threads, train_golden
-from tests.conftest import tiny_raw
+from tests.checkpoint.helpers import GOLDEN, sha256_file
+from tests.conftest import Golden, tiny_raw
 
 
 class RunsCode:
@@ -24,12 +24,10 @@ class RunsCode:
         return open, (str(self.path), "w")
 
 
-@pytest.fixture(scope="package")
-def tool_golden(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Path:
-    results = tmp_path_factory.mktemp("tool-golden") / "run"
-    with torch_threads(1):
-        train_golden(results, synth_cache)
-    return results
+@pytest.fixture(scope="session")
+def tool_golden(golden: Golden) -> Path:
+    """The golden results folder; never written to."""
+    return golden.results
 
 
 @pytest.fixture

@@ -220,6 +220,7 @@ def test_a_checkpoint_path_that_is_none_is_a_usage_error(where: str, tool_run: t
     assert code == 2 and f"checkpoint.resume={cfg.parent / 'nonexistent'}: no such checkpoint folder" in err
 
 
+@pytest.mark.slow  # two dry-runs in fresh processes that generate the dataset
 def test_a_fresh_home_gets_only_the_data_it_is_told_about(tool_run: tp.Callable[..., Path],
                                                           tmp_path: Path) -> None:
     """With an empty HOME and TMPDIR, the only thing on disk afterwards is the synthetic dataset the

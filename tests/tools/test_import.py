@@ -103,11 +103,11 @@ def import_here(capsys: pytest.CaptureFixture[str], src: Path, cfg: Path, out: P
     return code, captured.out, captured.err
 
 
-def test_import_is_exact_and_train_resumes_from_it(source: Source, tmp_path: Path) -> None:
+def test_import_is_exact_and_train_resumes_from_it(source: Source, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
-    proc = cli("import", source.folder, "--cfg", source.cfg, "--out", out)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = proc.stdout
+    code, report, err = import_here(capsys, source.folder, source.cfg, out)
+    assert code == 0, err[-3000:]
     unet = load_file(str(source.folder / "model.safetensors"))
     assert f"model.safetensors ({len(unet)} tensors) → unet" in report
     assert "down_blocks.*" in report and "→ unet.down_blocks.*" in report
