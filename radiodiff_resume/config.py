@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import importlib
+import importlib.util
 import math
 import re
 import signal
@@ -100,6 +101,23 @@ class LoopConfig:
     """Rows in each PNG sample grid."""
 
 
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",),
+                    "comet_ml": ("comet_ml",), "aim": ("aim",), "mlflow": ("mlflow",),
+                    "clearml": ("clearml",), "dvclive": ("dvclive",), "swanlab": ("swanlab",),
+                    "trackio": ("trackio",)}
+"""accelerate's experiment trackers by ``log_with`` name, and the packages each works with (any one)."""
+
+
+def installed(*modules: str) -> bool:
+    """Whether one of ``modules`` can be imported here (found, not imported)."""
+    return any(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def default_trackers() -> list[str]:
+    """``trainer.log_with`` when the config does not say: tensorboard where it is installed, else none."""
+    return ["tensorboard"] if installed(*TRACKER_PACKAGES["tensorboard"]) else []
+
+
 @dataclass
 class TrainerConfig(LoopConfig):
     """The LDM loop plus run-wide settings."""
@@ -114,8 +132,9 @@ class TrainerConfig(LoopConfig):
     """RadioDiff compatibility: see ``amp``."""
     seed: int = 0
     """Fixes every random choice of the run."""
-    log_with: list[str] = field(default_factory=list)
-    """Extra accelerate trackers (``tensorboard``, ``wandb`` ...); metrics.jsonl is always written."""
+    log_with: list[str] = field(default_factory=default_trackers)
+    """accelerate's experiment trackers (``tensorboard``, ``wandb`` ...; default: ``[tensorboard]``
+    where it is installed, else ``[]``), resumed across restarts; metrics.jsonl is always written."""
     deterministic: bool = False
     """Deterministic kernels (``torch.use_deterministic_algorithms``, cuDNN deterministic, no
     benchmark, ``CUBLAS_WORKSPACE_CONFIG``): what a bit-exact resume on a GPU needs; slower there."""
@@ -304,8 +323,11 @@ class CheckpointConfig:
     accept_probe_mismatch: bool = False
     """Resume even when the probe does not reproduce (after a deliberate code change); logged."""
     crash_loop_restarts: int | None = 3
-    """Under SLURM: a checkpoint from which this many runs in a row died before their next save is
-    set aside (moved, not deleted) and the next older one used (null: never)."""
+    """In a SLURM batch job: a checkpoint from which this many runs in a row died before making
+    progress is set aside (moved, not deleted) and the next older one used (null: never)."""
+    crash_loop_progress_steps: int = 10
+    """Optimizer steps past the resumed checkpoint after which a run has made progress: a later
+    death (or one after a stop signal was seen) is not counted against that checkpoint."""
 
 
 @dataclass
@@ -411,6 +433,13 @@ class SlurmConfig:
     signal_lead_s: int = 120
     """Seconds before the time limit Slurm sends the signal (``--signal=USR2@lead``); it must cover
     one step (a validation, if one is due) plus one save."""
+    stop_margin_s: int | None = 60
+    """The clock-based stop: inside a SLURM job with a time limit, the run stops by itself (a
+    committed checkpoint, exit 3, stop reason ``clock``) once one more step, the validation due with it
+    and one save — as measured in this job — would end less than this many seconds before the job's end
+    time (asked from the controller when training starts and after each save). It needs no ``--signal``.
+    null: no clock-based stop. It backs up the signal (``signal_lead_s``, 120 by default, comes first
+    whenever a step and a save take under a minute)."""
     partition: str | None = None
     nodes: int = 1
     gpus_per_node: int = 0
@@ -667,6 +696,13 @@ def validate(cfg: Config) -> list[str]:
         )
     need(bool(t.results_folder), "trainer.results_folder", t.results_folder, "a folder path")
     need(t.seed >= 0, "trainer.seed", t.seed, ">= 0")
+    for name in t.log_with:
+        if name not in TRACKER_PACKAGES:
+            problems.append(f"trainer.log_with: got {name!r}; allowed: {', '.join(TRACKER_PACKAGES)}")
+        elif not installed(*TRACKER_PACKAGES[name]):
+            problems.append(f"trainer.log_with: {name} is not installed here; pip install "
+                            f"{TRACKER_PACKAGES[name][0]}, or leave it out (trainer.log_with=[])")
+    need(len(set(t.log_with)) == len(t.log_with), "trainer.log_with", t.log_with, "each tracker once")
 
     fs = cfg.model.first_stage
     loop("model.first_stage.trainer", fs.trainer)
@@ -727,6 +763,8 @@ def validate(cfg: Config) -> list[str]:
     need(0 <= ck.probe_tolerance < 1, "checkpoint.probe_tolerance", ck.probe_tolerance, "0 <= tol < 1")
     need(ck.crash_loop_restarts is None or ck.crash_loop_restarts >= 1, "checkpoint.crash_loop_restarts",
          ck.crash_loop_restarts, ">= 1, or null")
+    need(ck.crash_loop_progress_steps >= 1, "checkpoint.crash_loop_progress_steps",
+         ck.crash_loop_progress_steps, ">= 1")
 
     _check_guard(cfg.guard, need)
     _check_slurm(cfg.slurm, need)
@@ -835,6 +873,8 @@ def _check_slurm(c: SlurmConfig, need: tp.Callable[[bool, str, tp.Any, str], Non
     need(c.time_min >= 1, "slurm.time_min", c.time_min, ">= 1")
     need(c.signal_lead_s < c.time_min * 60, "slurm.signal_lead_s", c.signal_lead_s,
          f"less than slurm.time_min ({c.time_min} min)")
+    need(c.stop_margin_s is None or 0 <= c.stop_margin_s < c.time_min * 60, "slurm.stop_margin_s",
+         c.stop_margin_s, f">= 0 and less than slurm.time_min ({c.time_min} min), or null")
     need(c.max_num_timeout >= 0, "slurm.max_num_timeout", c.max_num_timeout, ">= 0")
     need(bool(c.job_name), "slurm.job_name", c.job_name, "a name")
 

@@ -171,7 +171,15 @@ def save_tensors_atomic(
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by a file holding ``text``, all or nothing: written to a fresh temporary file
+    beside it (created exclusively, so never through a link or into a FIFO planted at its name: those
+    are refused with :class:`NotRegularFile`), synced, then renamed over ``path`` (which replaces a
+    link there instead of following it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    if is_regular_file(tmp):
+        os.unlink(tmp)  # left by a process of this pid that died mid-write
+    fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
     commit_file(tmp, path)

@@ -38,6 +38,7 @@ CTL_PORT=16817             # not 6817/6818: a system Slurm may already use those
 SLURMD_PORT=16818
 START_TIMEOUT=${RADIODIFF_SLURM_START_TIMEOUT:-60}
 NODE_CPUS=16               # declared CPUs per node (see write_conf)
+PREEMPT_GRACE_S=60         # GraceTime of partition "preemptible"
 
 export SLURM_CONF=$CONF
 # Debian installs the daemons in /usr/sbin, which is not on a non-root PATH.
@@ -299,11 +300,25 @@ ReturnToService=2
 # sched_interval, default 60 s): 55-59 s measured. sched_interval=2: 11-12 s.
 SchedulerParameters=bf_interval=2,sched_interval=2
 # No accounting (sacct does not work): finished jobs must stay in slurmctld's
-# memory, visible to 'scontrol show job', for 10 minutes.
-MinJobAge=600
+# memory, visible to 'scontrol show job', for an hour: a test session that runs
+# longer than 10 minutes checks some jobs more than 10 minutes after they ended.
+MinJobAge=3600
 # Default 30 s SIGTERM -> SIGKILL grace; the tests rely on it.
 KillWait=30
 InactiveLimit=0
+# Real preemption (docs/slurm.md, tests/slurm/test_preemption.py): a job in a partition of a
+# higher PriorityTier preempts jobs of partition "preemptible" that hold resources it needs.
+# The partition's PreemptMode=REQUEUE and GraceTime below apply; the default partition "debug"
+# is never preempted (PreemptMode=OFF there). The cluster-wide PreemptMode must not be OFF
+# when PreemptType is not preempt/none.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+# "slot": one per node, requested by nobody but the preemption tests. A job that holds a
+# node's slot in "preemptible" blocks a job of "urgent" that asks for the same node's slot,
+# whatever else runs there: the urgent job can start only by preempting it (CPUs are not
+# scarce here: 16 slots per node, see below). Without a gres.conf, slurmd takes the count
+# from the Gres= of its NodeName line.
+GresTypes=slot
 # No mail on this machine; the default /usr/bin/mail is missing and logs an error.
 MailProg=/bin/true
 Waittime=0
@@ -313,12 +328,16 @@ EOF
         # training steps): every one of them must start at once, on 2 cores or on 64.
         for ((i = 1; i <= n; i++)); do
             if ((n == 1)); then
-                echo "NodeName=node$i NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$mem State=UNKNOWN"
+                echo "NodeName=node$i NodeHostname=$host NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$mem Gres=slot:1 State=UNKNOWN"
             else
-                echo "NodeName=node$i NodeHostname=node$i NodeAddr=$NET_PREFIX.$((10 + i)) CPUs=$NODE_CPUS RealMemory=$mem State=UNKNOWN"
+                echo "NodeName=node$i NodeHostname=node$i NodeAddr=$NET_PREFIX.$((10 + i)) CPUs=$NODE_CPUS RealMemory=$mem Gres=slot:1 State=UNKNOWN"
             fi
         done
-        echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
+        echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP PreemptMode=OFF"
+        # Preemption: on the same nodes; GraceTime = seconds between the preemption's SIGTERM
+        # and the requeue (which ends the job's processes: SIGTERM, then SIGKILL after KillWait).
+        echo "PartitionName=preemptible Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$PREEMPT_GRACE_S"
+        echo "PartitionName=urgent Nodes=ALL MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF"
     } >"$CONF"
     chmod 644 "$CONF"
 }

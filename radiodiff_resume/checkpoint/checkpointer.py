@@ -12,9 +12,9 @@ then loads it, hash-checking its own reads, and all ranks agree on success.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
-import os
 import typing as tp
 import uuid
 from pathlib import Path
@@ -39,7 +39,7 @@ from radiodiff_resume.checkpoint.manifest import (
     record_of,
 )
 from radiodiff_resume.checkpoint.protocol import Checkpointable
-from radiodiff_resume.checkpoint.restarts import RestartLedger
+from radiodiff_resume.checkpoint.restarts import RestartLedger, batch_job
 from radiodiff_resume.checkpoint.store import CRASH_LOOP, REASON_SUFFIX, CheckpointStore, rank_component
 from radiodiff_resume.checkpoint.verify import (
     CONFIG_FILE,
@@ -55,6 +55,7 @@ from radiodiff_resume.config import ABSENT, CheckpointConfig, config_changes, js
 from radiodiff_resume.dist import Ranks
 from radiodiff_resume.errors import HaltError, UserError
 from radiodiff_resume.events import EventLog
+from radiodiff_resume.slurm.environment import job_id
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +71,9 @@ class Checkpointer:
             trainer.results_folder / "checkpoints", ranks, cfg.keep_last, cfg.keep_every)
         self.every = cfg.every or trainer.loop.save_and_sample_every
         self.restarts = RestartLedger(trainer.results_folder)
-        self.crash_limit = cfg.crash_loop_restarts if os.environ.get("SLURM_JOB_ID") else None
-        """Runs in a row that may die after resuming from one checkpoint before it is set aside
-        (SLURM jobs only, where the runs are counted: an unattended requeue loop is what needs
-        the brake)."""
+        self.counted_from: int | None = None
+        """The step of the checkpoint this run was counted against, until the run made progress
+        (rank 0)."""
         self.last_saved_step: int | None = None
         self.resumed_from: Path | None = None
         self.verified: Report | None = None
@@ -89,6 +89,35 @@ class Checkpointer:
     @property
     def line(self) -> str | None:
         return self.store.line
+
+    @functools.cached_property
+    def crash_limit(self) -> int | None:
+        """Runs in a row that may die after resuming from one checkpoint before it is set aside, on
+        rank 0 of a SLURM batch job (or one the controller cannot describe); None elsewhere: an
+        unattended requeue loop is what needs the brake, a person rerunning by hand sees the crash."""
+        if self.cfg.crash_loop_restarts is None or not self.ranks.is_main:
+            return None
+        batch, job = batch_job(), job_id()
+        if batch is False:
+            if job is not None:
+                logger.info("%s: SLURM job %s is an interactive allocation, not a batch job: runs that "
+                            "die after resuming are not counted (the crash-loop brake is for requeue "
+                            "loops)", self.trainer.stage, job)
+            return None
+        if batch is None:
+            logger.info("%s: the controller cannot say whether SLURM job %s is a batch job: runs that die "
+                        "after resuming are counted, as in one", self.trainer.stage, job)
+        return self.cfg.crash_loop_restarts
+
+    def progressed(self, step: int, stop_seen: bool) -> None:
+        """After every optimizer step, and when a stop begins (host values only; nothing is read or
+        written until it acts, once): a run ``crash_loop_progress_steps`` past the checkpoint it was
+        counted against, or one that has seen a stop signal, did not die of that checkpoint, so the
+        counts are cleared."""
+        if self.counted_from is None:
+            return
+        if stop_seen or step - self.counted_from >= self.cfg.crash_loop_progress_steps:
+            self.ended_cleanly()
 
     # ----- saving ------------------------------------------------------------------
     def due(self, step: int) -> bool:
@@ -130,7 +159,8 @@ class Checkpointer:
         return path
 
     def ended_cleanly(self) -> None:
-        """A commit, a stop or the end of training: clear the crash-loop counts (rank 0)."""
+        """Progress, a commit, a stop or the end of training: clear the crash-loop counts (rank 0)."""
+        self.counted_from = None
         if self.ranks.is_main:
             self.restarts.clear()
 
@@ -313,6 +343,7 @@ class Checkpointer:
             if report.ok:
                 if count and self.crash_limit is not None and not self.read_only:
                     runs = self.restarts.started(path.name)
+                    self.counted_from = parse_step(path.name)
                     if runs > 1:
                         logger.warning("%s: run %d in a row resuming from %s (set aside after %d)",
                                        t.stage, runs, path.name, self.crash_limit)

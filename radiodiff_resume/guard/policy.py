@@ -1,9 +1,13 @@
 """What the training loop asks before and after each forward, and at each optimizer step.
 
 Per optimizer step the guard reads exactly one small vector back to the host (micro-batches
-kept, non-finite losses, spike flag, gradient norm, clip threshold, loss): every decision is
-computed on the device first and taken from that one read. The fault paths (naming bad
-samples, scrubbing) may read more; a clean step never does.
+kept, non-finite losses, spike flag, gradient norm, clip threshold, loss, the ranks' stop flag):
+every decision is computed on the device first and taken from that one read. The fault paths
+(naming bad samples, scrubbing) may read more; a clean step never does.
+
+Per optimizer step the ranks meet in exactly one collective: the all-reduce of the micro-batch
+counts, which also carries each rank's wish to stop (a signal, or the job's clock), so the stop is
+agreed at the same step on every rank without a round-trip of its own.
 
 Skip means skip: no optimizer step (so no Adam moment decay and no weight decay), no LR
 schedule, EMA or step-counter advance, running statistics put back; under fp16 the
@@ -73,6 +77,8 @@ class StepOutcome:
     """Mean loss of the micro-batches that counted (0-dim, on the device)."""
     grad_norm: float | None
     """Total gradient norm before clipping (None when the guards are off: never read)."""
+    stop: bool = False
+    """Some rank wants to stop after this step (agreed: the same on every rank)."""
     reason: str | None = None
     """Why the step was skipped: ``batch``, ``loss``, ``spike``, ``grads`` or ``scaler`` (a routine fp16
     loss-scale overflow)."""
@@ -183,29 +189,35 @@ class Guard:
         self._rejected = None
 
     # ----- the optimizer step ------------------------------------------------------
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, step: int) -> StepOutcome:
-        """Decide, clip and step (or skip) once the micro-batches' gradients are in."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, step: int,
+                       wants_stop: tp.Callable[[], bool] = lambda: False) -> StepOutcome:
+        """Decide, clip and step (or skip) once the micro-batches' gradients are in. ``wants_stop``:
+        this rank's wish to stop after this step, asked just before the ranks meet; the outcome's
+        ``stop`` is the agreed answer."""
         try:
             if not self.enabled:
-                return self._plain_step(optimizer)
-            return self._guarded_step(optimizer, step)
+                return self._plain_step(optimizer, wants_stop)
+            return self._guarded_step(optimizer, step, wants_stop)
         finally:
             self._begin()
 
-    def _plain_step(self, optimizer: torch.optim.Optimizer) -> StepOutcome:
-        """The loop without guards: clip to ``max_grad_norm`` and step through accelerate."""
+    def _plain_step(self, optimizer: torch.optim.Optimizer, wants_stop: tp.Callable[[], bool]) -> StepOutcome:
+        """The loop without guards: clip to ``max_grad_norm`` and step through accelerate; the stop is
+        agreed in a collective of its own (CPU, gloo), as there is no guard reduce to carry it."""
         if self.max_grad_norm is not None:
             self.accelerator.clip_grad_norm_(self.params, self.max_grad_norm)
         optimizer.step()
         skipped = bool(getattr(optimizer, "step_was_skipped", False))
-        return StepOutcome(not skipped, torch.stack(self._losses).mean(), None, "scaler" if skipped else None)
+        return StepOutcome(not skipped, torch.stack(self._losses).mean(), None, self.ranks.any(wants_stop()),
+                           "scaler" if skipped else None)
 
-    def _guarded_step(self, optimizer: torch.optim.Optimizer, step: int) -> StepOutcome:
+    def _guarded_step(self, optimizer: torch.optim.Optimizer, step: int,
+                      wants_stop: tp.Callable[[], bool]) -> StepOutcome:
         inner = tp.cast(torch.optim.Optimizer, getattr(optimizer, "optimizer", optimizer))
         scaler = self.accelerator.scaler
         if scaler is not None:
             scaler.unscale_(inner)  # records found_inf: the scaler sees an overflow before any scrub
-        kept, loss_sum, loss_bad = self._reduce_micro_batches()
+        kept, loss_sum, loss_bad, stop = self._reduce_micro_batches(wants_stop())
         micro_total = self.ranks.world * self._micro
         loss = loss_sum / kept.clamp_min(1)
         spike = self.losses.is_spike(loss)
@@ -213,18 +225,18 @@ class Guard:
         grads = grads_of(self.params)
         norm = total_norm(grads).to(self.device) * factor
         threshold = self.clipper.threshold(norm)
-        read = [kept, loss_bad, spike.float(), norm, threshold, loss]
+        read = [kept, loss_bad, spike.float(), norm, threshold, loss, stop]
         scale_t = None if scaler is None else scaler._get_scale_async()  # the loss scale this step ran with
         if scale_t is not None:
             read.append(scale_t.to(self.device))
         verdict = torch.stack(read).tolist()  # the one sync
-        kept_n, bad_losses, is_spike, norm_v, threshold_v, loss_v, *scale = verdict
+        kept_n, bad_losses, is_spike, norm_v, threshold_v, loss_v, stop_v, *scale = verdict
         rejected = micro_total - int(kept_n) - int(bad_losses)
         if rejected:
             self._report_batches(step, rejected)
         reason = self._skip_reason(bad_losses, loss_v, kept_n, is_spike, norm_v, scale[0] if scale else None)
         if reason is not None:
-            outcome = self._skip(step, reason, loss, norm_v, loss_v if kept_n else None, scaler)
+            outcome = self._skip(step, reason, loss, norm_v, loss_v if kept_n else None, scaler, stop_v > 0)
             self._spike_run(step, reason, loss_v, math.isfinite(norm_v) and norm_v <= threshold_v)
             return outcome
         if not math.isfinite(norm_v):  # guard.nonfinite_grads=scrub
@@ -240,19 +252,21 @@ class Guard:
         if scaler is not None:
             scaler.update()
         self.consecutive_skips = self.spike_skips = 0
-        return StepOutcome(True, loss, norm_v)
+        return StepOutcome(True, loss, norm_v, stop_v > 0)
 
-    def _reduce_micro_batches(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Kept micro-batches, the sum of their losses and the non-finite losses, over all ranks (one
-        small all-reduce, a device collective, not a host sync); the last micro-batch's running
-        statistics put back where it was rejected on any rank (the flag rides on the same reduce)."""
+    def _reduce_micro_batches(self, stop: bool) -> tuple[torch.Tensor, ...]:
+        """Kept micro-batches, the sum of their losses, the non-finite losses and the ranks wanting to
+        stop (``stop``: this one), over all ranks (one small all-reduce, a device collective, not a host
+        sync); the last micro-batch's running statistics put back where it was rejected on any rank (the
+        flag rides on the same reduce). ``torch.full`` puts the host flag in a kernel argument: no copy."""
         last = torch.zeros((), device=self.device) if self._rejected is None else self._rejected.float()
-        stats = torch.stack([self._kept, self._loss_sum, self._loss_bad, last])
+        wants = torch.full((), float(stop), device=self.device)
+        stats = torch.stack([self._kept, self._loss_sum, self._loss_bad, last, wants])
         if self.ranks.world > 1:
             torch.distributed.all_reduce(stats)
-        kept, loss_sum, loss_bad, rejected = stats.unbind()
+        kept, loss_sum, loss_bad, rejected, stopping = stats.unbind()
         self._put_back_stats(rejected > 0)
-        return kept, loss_sum, loss_bad
+        return kept, loss_sum, loss_bad, stopping
 
     def _skip_reason(self, bad_losses: float, loss: float, kept: float, spike: float, norm: float,
                      scale: float | None) -> str | None:
@@ -279,7 +293,7 @@ class Guard:
         return norm, self.clipper.threshold(norm)
 
     def _skip(self, step: int, reason: str, loss: torch.Tensor, norm: float, loss_v: float | None,
-              scaler: torch.amp.GradScaler | None) -> StepOutcome:
+              scaler: torch.amp.GradScaler | None, stop: bool) -> StepOutcome:
         """Skip the step: statistics put back, the scaler updated, counted (toward a rollback too,
         unless a routine loss-scale overflow), reported."""
         if self.norm_stats and self._step_snapshot is not None:
@@ -298,7 +312,7 @@ class Guard:
         logger.log(logging.INFO if routine else logging.WARNING,
                    "%s step %d: optimizer step skipped (%s; loss %s, grad norm %s), %d in a row%s",
                    self.stage, step, reason, _number(loss_v), _number(norm), self.consecutive_skips, note)
-        return StepOutcome(False, loss, norm, reason)
+        return StepOutcome(False, loss, norm, stop, reason)
 
     def _spike_run(self, step: int, reason: str, loss: float, healthy: bool) -> None:
         """A skipped spike (``healthy``: finite, unclipped gradient norm) counts toward a new loss level,

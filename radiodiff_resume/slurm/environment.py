@@ -152,3 +152,85 @@ def requeue(job: str) -> None:
             f"scontrol requeue {job} failed ({out.stderr.strip() or out.returncode}); the job needs "
             "--requeue (or JobRequeue=1 on the cluster); the checkpoint is committed: resubmit the "
             "same command")
+
+
+def show_job(job: str) -> dict[str, str] | None:
+    """``scontrol show job -o``'s fields (``JobState``, ``Reason``, ``PreemptTime``, ``Restarts``);
+    None when the controller does not answer or no scontrol is here."""
+    scontrol = shutil.which("scontrol")
+    if scontrol is None:
+        return None
+    try:
+        out = subprocess.run([scontrol, "show", "job", "-o", job], capture_output=True, text=True,
+                             timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:
+        return None
+    fields: dict[str, str] = {}
+    for key, value in re.findall(r"(?:^|\s)(\w+)=(\S*)", out.stdout):
+        fields.setdefault(key, value)  # the first: the command line (Command=) comes late
+    return fields
+
+
+class Verdict(tp.NamedTuple):
+    """Whether a job that stopped with a committed checkpoint goes back to the queue, and why."""
+
+    requeue: bool
+    why: str
+    cause: str = "signal"
+    """``time limit`` (the controller says ``Reason=TimeLimit``), ``preemption``, ``signal`` (a
+    ``--signal`` ahead of the time limit, or an operator's), ``cancel`` or ``unknown``."""
+
+
+def stop_verdict(info: tp.Mapping[str, str] | None, terminated: bool, restart_count: int) -> Verdict:
+    """Requeue a stopped job, or leave it ended, from what the controller says now.
+
+    Measured on Slurm 22.05 (``tests/slurm/test_cancel.py``, ``test_preemption.py``): ``scancel``
+    makes the job ``COMPLETING`` with ``Reason=None`` at once, and the controller still accepts a
+    requeue then — which silently undoes the cancel, whatever signal came first. A time limit is
+    ``COMPLETING`` with ``Reason=TimeLimit``. A preemption with a ``GraceTime`` sends SIGTERM to the
+    job steps (not to the batch shell) while the job stays ``RUNNING`` with ``PreemptTime`` set;
+    Slurm requeues it only if it still runs when the grace time ends (a job that ends earlier is
+    ``COMPLETED``), so a job that stopped in time requeues itself. ``terminated``: this process saw
+    a SIGTERM; one that neither a time limit nor a preemption explains (``scancel --signal=TERM``)
+    ends the job too. ``info`` None (no controller answer): requeue unless a SIGTERM came.
+    """
+    if info is None:
+        return Verdict(not terminated, "the controller did not answer"
+                       + ("; SIGTERM came: treated as a cancel" if terminated else ""), "unknown")
+    if int(info.get("Restarts", "0") or 0) > restart_count:
+        return Verdict(False, "already requeued (by Slurm when a preemption's grace time ran out, "
+                              "or by an operator)", "unknown")
+    state, reason = info.get("JobState", ""), info.get("Reason", "")
+    if reason == "TimeLimit":
+        return Verdict(True, "time limit", "time limit")
+    if state in ("COMPLETING", "CANCELLED"):  # also a cancel during a preemption's grace time
+        return Verdict(False, f"cancelled (scancel: JobState={state} Reason={reason or 'None'})", "cancel")
+    if info.get("PreemptTime", "None") not in ("None", "Unknown", ""):
+        return Verdict(True, f"preempted at {info['PreemptTime']}", "preemption")
+    if terminated:
+        return Verdict(False, "SIGTERM without a time limit or a preemption (scancel --signal=TERM)",
+                       "cancel")
+    return Verdict(True, "stop signal")
+
+
+def restart_count() -> int:
+    """How often this job was requeued before this run (``SLURM_RESTART_COUNT``)."""
+    return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+
+
+def main(argv: tp.Sequence[str]) -> int:
+    """``python -m radiodiff_resume.slurm.environment verdict JOB TERMINATED``: for the sbatch
+    template; prints ``requeue: <why>`` (exit 0) or ``stay: <why>`` (exit 1)."""
+    if len(argv) != 3 or argv[0] != "verdict" or argv[2] not in ("0", "1"):
+        print("usage: python -m radiodiff_resume.slurm.environment verdict JOB_ID 0|1 (1: a SIGTERM came)",
+              file=sys.stderr)
+        return 2
+    verdict = stop_verdict(show_job(argv[1]), argv[2] == "1", restart_count())
+    print(f"{'requeue' if verdict.requeue else 'stay'}: {verdict.why}")
+    return 0 if verdict.requeue else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -50,6 +50,9 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.reason: str | None = None
+        self.terminated = False
+        """A SIGTERM came, whatever came first; :meth:`clear` keeps it: a TERM after the stop was
+        agreed (a ``scancel`` during the save) must still end the job."""
         self._previous: dict[int, tp.Any] = {}
 
     def install(self, names: tp.Iterable[str] = DEFAULT_SIGNALS) -> None:
@@ -72,7 +75,9 @@ class StopFlag:
         self.request(signal.Signals(signum).name)
 
     def request(self, reason: str) -> None:
-        """Ask for a stop; the first reason is kept (SIGTERM after USR1 is the same stop)."""
+        """Ask for a stop; the first reason is kept (the stop is the same), a SIGTERM is noted in
+        :attr:`terminated` (whether it ends the job is decided before a requeue)."""
+        self.terminated = self.terminated or reason == CANCEL
         if self.reason is None:
             self.reason = reason
 

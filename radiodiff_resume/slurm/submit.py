@@ -28,18 +28,22 @@ from pathlib import Path
 from radiodiff_resume.config import Config, build_config, to_dict
 from radiodiff_resume.errors import EXIT_STOPPED, StopRequested, UserError
 from radiodiff_resume.io import read_regular, write_text_atomic
-from radiodiff_resume.slurm.environment import job_id, requeue, time_left_s, use_task_cpus
-from radiodiff_resume.slurm.signals import STOP
+from radiodiff_resume.slurm.environment import (
+    Verdict,
+    job_id,
+    requeue,
+    restart_count,
+    show_job,
+    stop_verdict,
+    time_left_s,
+    use_task_cpus,
+)
+from radiodiff_resume.slurm.signals import CANCEL, STOP
 
 logger = logging.getLogger(__name__)
 
 LEDGER = "requeues.json"
 """In the job's own log folder: how often the job was requeued, and why (time limit or not)."""
-REQUEUE_SIGNALS = ("SIGUSR1", "SIGUSR2")
-"""Stops that requeue the job: the ``--signal`` ahead of a time limit or a preemption, or an
-operator's ``scancel --signal=USR2``. SIGTERM is what ``scancel`` sends to cancel a job: a stop
-it caused commits its checkpoint but leaves the job cancelled (measured on the local cluster:
-a requeue from the TERM handler silently undoes the cancel)."""
 EARLY_SIGNAL_S = 90
 """Slurm may send the ``--signal`` up to 60 s before the lead it was asked for: a stop this close
 to the lead counts as a time limit."""
@@ -75,12 +79,7 @@ class TrainJob:
         except StopRequested as exc:
             logger.warning("%s", exc)
             if env.global_rank == 0:
-                if exc.reason in REQUEUE_SIGNALS:
-                    self.requeue(cfg, env)
-                else:
-                    logger.warning("not requeued: %s ends a job (scancel, or a time limit the earlier "
-                                   "signal did not announce); the checkpoint is committed: submit the same "
-                                   "command to go on", exc.reason)
+                self.requeue(cfg, env, terminated=STOP.terminated or exc.reason == CANCEL)
             sys.exit(EXIT_STOPPED)  # SystemExit: submitit writes no result, the job is not over
         finally:
             STOP.ignore()
@@ -91,13 +90,24 @@ class TrainJob:
 
         return submitit.helpers.DelayedSubmission(TrainJob(self.config, self.cwd, self.train))
 
-    def requeue(self, cfg: Config, env: tp.Any) -> None:
-        """Put the job back in the queue, unless it reached its time limit too often."""
+    def requeue(self, cfg: Config, env: tp.Any, terminated: bool) -> None:
+        """Put the job back in the queue, unless the controller says it is being cancelled (or a
+        SIGTERM came that no time limit or preemption explains: :func:`stop_verdict`), or it
+        reached its time limit too often. ``terminated``: a SIGTERM reached this process."""
         from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
         job = job_id()
-        left = time_left_s(job) if job else None
-        timed_out = job is None or (left is not None and left <= cfg.slurm.signal_lead_s + EARLY_SIGNAL_S)
+        if job is None:  # --local: no controller to ask; each stop counts as a time limit
+            verdict = Verdict(not terminated, "SIGTERM ends a job", "time limit")
+        else:
+            verdict = stop_verdict(show_job(job), terminated, restart_count())
+        if not verdict.requeue:
+            logger.warning("not requeued: %s; the checkpoint is committed: submit the same command to "
+                           "go on", verdict.why)
+            return
+        left = time_left_s(job) if job and verdict.cause == "signal" else None
+        timed_out = verdict.cause == "time limit" or (left is not None and left <= cfg.slurm.signal_lead_s
+                                                       + EARLY_SIGNAL_S)
         ledger_path = log_folder(cfg) / str(env.job_id) / LEDGER
         fresh = {"timeouts": 0, "other": 0}
         ledger = json.loads(read_regular(ledger_path)) if ledger_path.exists() else fresh
@@ -108,7 +118,7 @@ class TrainJob:
         ledger["timeouts" if timed_out else "other"] += 1
         write_text_atomic(ledger_path, json.dumps(ledger) + "\n")
         logger.warning("requeueing job %s (%s; %d time-limit requeues of %d)", env.job_id,
-                       "time limit" if timed_out else "preempted or stopped", ledger["timeouts"],
+                       "time limit" if timed_out else verdict.why, ledger["timeouts"],
                        cfg.slurm.max_num_timeout)
         if job is None:
             sys.exit(LOCAL_REQUEUE_RETURN_CODE)  # the local controller starts the tasks again

@@ -200,11 +200,20 @@ class Evaluation:
     def sample(self, accelerator: Accelerator, ranks: Ranks, model: EvalModel, dataset: Dataset,
                folder: EvalFolder, pending: list[list[int]], left: int) -> None:
         """Every ``world``-th pending batch on this rank; after each round all ranks agree on a stop
-        request or a failure, so none waits for another that is gone."""
+        request or a failure, so none waits for another that is gone. A stop request is a signal, or
+        the job's clock (``slurm.stop_margin_s``) leaving no time for one more round: every map is
+        written as it is done, so stopping loses nothing."""
+        import time
+
         from tqdm.auto import tqdm
 
         from radiodiff_resume.errors import StopRequested, UserError
+        from radiodiff_resume.slurm.budget import CLOCK, StopBudget, ask_time_left
+        from radiodiff_resume.slurm.environment import job_id
         from radiodiff_resume.slurm.signals import STOP, agreed_reason
+
+        budget = StopBudget("evaluate", None, job_id() is not None, margin_s=self.cfg.slurm.stop_margin_s)
+        budget.time_left(ask_time_left(ranks, budget))
 
         mine = pending[ranks.rank::ranks.world]
         bar = tqdm(total=sum(map(len, mine)), unit="map", disable=not ranks.is_main, dynamic_ncols=True,
@@ -213,12 +222,16 @@ class Evaluation:
         for step in range(math.ceil(len(pending) / ranks.world)):
             failure = None
             if step < len(mine):
+                started = time.perf_counter()
                 try:
                     self.sample_batch(accelerator, ranks.rank, model, dataset, folder, mine[step])
                 except Exception as exc:  # every rank must learn of it before the next round
                     failure = exc
                 else:
                     bar.update(len(mine[step]))
+                    budget.step(time.perf_counter() - started)
+            if STOP.reason is None and budget.out_of_time():
+                STOP.request(CLOCK)
             reports = ranks.gather((STOP.reason, None if failure is None else f"{type(failure).__name__}: "
                                                                               f"{failure}"))
             if failure is not None:

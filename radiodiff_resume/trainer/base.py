@@ -31,7 +31,7 @@ from radiodiff_resume.events import EventLog
 from radiodiff_resume.guard.policy import Guard, GuardHalt, StepOutcome, refuse_sharded
 from radiodiff_resume.guard.sanitize import finite_batch
 from radiodiff_resume.images import save_grid
-from radiodiff_resume.slurm.budget import StopBudget
+from radiodiff_resume.slurm.budget import CLOCK, StopBudget, ask_time_left
 from radiodiff_resume.slurm.environment import job_id
 from radiodiff_resume.slurm.signals import STOP, agreed_reason
 from radiodiff_resume.trainer.ema import RadioDiffEMA, first_average
@@ -118,8 +118,13 @@ class Trainer:
             module=self.unwrapped, params=self.params, max_grad_norm=loop.max_grad_norm,
             events=self.events, ranks=self.ranks, stage=self.stage,
         )
-        self.budget = StopBudget(self.stage, config.slurm.signal_lead_s if config is not None else None,
-                                 under_slurm=job_id() is not None)
+        slurm = config.slurm if config is not None else None
+        self.budget = StopBudget(self.stage, slurm.signal_lead_s if slurm else None,
+                                 under_slurm=job_id() is not None,
+                                 margin_s=slurm.stop_margin_s if slurm and not read_only else None)
+        self.validation_deferred: int | None = None
+        """The step whose validation a stop skipped (kept in that step's checkpoint): it runs when the
+        run resumes there, before the next step, so the run's metrics are those of an uninterrupted run."""
         self._loss_sum = torch.zeros((), device=accelerator.device)
         self._loss_count = 0
         self._grad_norms: list[float] = []
@@ -190,21 +195,27 @@ class Trainer:
             disable=not self.accelerator.is_main_process,
             mininterval=0.5 if sys.stderr.isatty() else 30.0,
         )
+        self.budget.time_left(ask_time_left(self.ranks, self.budget))
+        if self.stop_agreed():  # a signal during start-up: the only separate agreement outside validations
+            bar.close()
+            self.stop()
+        self.run_deferred_validation()
         while self.state.step < total:
-            if self.stop_agreed():
-                bar.close()
-                self.stop()
             started = time.perf_counter()
             outcome = self.train_step()
+            stop = outcome.stop
             if outcome.stepped:
                 self.budget.step(time.perf_counter() - started)
                 self.state.step += 1
                 bar.update(1)
-                self.after_step(outcome, bar)
+                stop = bool(self.after_step(outcome, bar)) or stop  # a subclass may return None
             elif self.guard.wants_rollback:
                 self.roll_back(self.guard.skip_run(), spikes=self.guard.spike_driven)
                 bar.n = self.state.step
                 bar.refresh()
+            if stop:
+                bar.close()
+                self.stop()
         bar.close()
         while self.checkpointer.last_saved_step != self.state.step:
             self.save_checkpoint()
@@ -238,7 +249,7 @@ class Trainer:
             with self.accelerator.accumulate(self.model):
                 loss = self.guard.check_loss(self.training_loss(batch))
                 self.accelerator.backward(loss)
-        outcome = self.guard.optimizer_step(self.optimizer, self.state.step + 1)
+        outcome = self.guard.optimizer_step(self.optimizer, self.state.step + 1, self.wants_stop)
         self.optimizer.zero_grad(set_to_none=True)
         if outcome.stepped:
             self.lr_schedule.step()
@@ -249,9 +260,14 @@ class Trainer:
         )
         return outcome
 
-    def after_step(self, outcome: StepOutcome, bar: tqdm) -> None:
-        """Logging, checks, validation and checkpoints on their schedules (host syncs only there)."""
+    def after_step(self, outcome: StepOutcome, bar: tqdm) -> bool:
+        """Logging, checks, validation and checkpoints on their schedules (host syncs only there).
+        True when the ranks agreed to stop after this step: the stop saves, and a validation due here is
+        deferred to the resume. The stop is agreed again just before a validation (a signal after the
+        step's all-reduce still skips it) and just after one (a signal during it stops before the next
+        step)."""
         step = self.state.step
+        self.checkpointer.progressed(step, stop_seen=STOP.reason is not None)
         self._loss_sum += outcome.loss
         self._loss_count += 1
         if outcome.grad_norm is not None and math.isfinite(outcome.grad_norm):
@@ -260,11 +276,38 @@ class Trainer:
             self.write_log(step, bar)
         if step % (self.guard.cfg.norm_stats.check_every or self.loop.log_freq) == 0:
             if not self.check_state("interval"):
-                return
-        if step % self.loop.save_and_sample_every == 0 or step == self.loop.train_num_steps:
+                return outcome.stop
+        if self.validation_due(step):
+            if outcome.stop or self.stop_agreed(validation_due=True):
+                self.defer_validation(step)
+                return True
+            started = time.perf_counter()
             self.validate_and_sample()
+            self.budget.validated(time.perf_counter() - started)
+            if self.stop_agreed():  # a signal during the validation: stop before the next step
+                return True
         if self.checkpointer.due(step):
             self.save_checkpoint()
+        return outcome.stop
+
+    def validation_due(self, step: int) -> bool:
+        return step % self.loop.save_and_sample_every == 0 or step == self.loop.train_num_steps
+
+    def defer_validation(self, step: int) -> None:
+        """A stop comes before the validation of ``step``: its checkpoint records the validation as due."""
+        self.validation_deferred = step
+        self.events.emit("validation_deferred", stage=self.stage, step=step)
+        logger.warning("%s step %d: the validation due here runs when the run resumes (stopping first)",
+                       self.stage, step)
+
+    def run_deferred_validation(self) -> None:
+        """The validation a stop skipped at the restored step, before the first step of this run."""
+        if self.validation_deferred == self.state.step:
+            logger.info("%s step %d: the validation deferred by the last stop", self.stage, self.state.step)
+            started = time.perf_counter()
+            self.validate_and_sample()
+            self.budget.validated(time.perf_counter() - started)
+        self.validation_deferred = None
 
     def write_log(self, step: int, bar: tqdm) -> None:
         mean = self.accelerator.reduce(self._loss_sum / self._loss_count, "mean").item()
@@ -292,6 +335,7 @@ class Trainer:
             self.guard.saved()  # before the state is taken: the checkpoint records no rollback since itself
             self.checkpointer.save()
             self.budget.saved(time.perf_counter() - started)
+            self.budget.time_left(ask_time_left(self.ranks, self.budget))  # the limit may have changed
 
     # ----- guards ------------------------------------------------------------------
     def check_state(self, when: str, weights: bool = True) -> bool:
@@ -355,6 +399,7 @@ class Trainer:
         self.load_rank_state_dict(rank_state)
         self.apply_loop_settings()
         self.new_log_interval()
+        self.log.trackers.rolled_back(step, self.state.step)
         self.events.emit("rolled_back", stage=self.stage, step=step, to_step=self.state.step, path=str(path),
                          reason=why, lr_scale=guard.lr_scale, skipped_batches="all since" if skip is None
                          else skip)
@@ -388,18 +433,30 @@ class Trainer:
         """Ask the run to stop at the next step boundary (the process-wide flag signals set)."""
         STOP.request(reason)
 
-    def stop_agreed(self) -> bool:
-        """Whether any rank asked to stop; every rank gets the same answer at the same step.
+    def wants_stop(self, validation_due: bool | None = None) -> bool:
+        """Whether this rank wants to stop after the step under way: a signal came, or the job's clock
+        leaves no time for another step, the validation due after this one (``validation_due``; None:
+        whether the next step has one) and a save (host arithmetic only, no sync)."""
+        if validation_due is None:
+            validation_due = self.validation_due(self.state.step + 1)
+        if STOP.reason is None and self.budget.out_of_time(validation_due):
+            STOP.request(CLOCK)
+        return STOP.reason is not None
 
-        The flag travels over a CPU (gloo) group, so this never syncs the GPU stream.
+    def stop_agreed(self, validation_due: bool = False) -> bool:
+        """Whether any rank wants to stop; every rank gets the same answer at the same step.
+
+        A separate collective (CPU, gloo: never syncs the GPU stream), asked only before the first step
+        and around a validation; each step's own agreement rides on the guard's all-reduce.
         """
-        return self.ranks.any(STOP.reason is not None)
+        return self.ranks.any(self.wants_stop(validation_due))
 
     def stop(self) -> tp.NoReturn:
         """Save (all ranks together, unless nothing was trained yet), clear the flag and raise
         :class:`StopRequested`."""
         reason, rank = agreed_reason(self.ranks.gather(STOP.reason))
         step, seen = self.state.step, f"{reason} on rank {rank}" if self.ranks.world > 1 else reason
+        self.checkpointer.progressed(step, stop_seen=True)  # a death while saving is not the checkpoint's
         if step > 0 and self.checkpointer.last_saved_step != step:
             self.save_checkpoint()
         self.checkpointer.ended_cleanly()
@@ -562,6 +619,8 @@ class Trainer:
             state["grad_scaler"] = self.accelerator.scaler.state_dict()
         if self.guard.enabled:
             state["guard"] = self.guard.state_dict()
+        if self.validation_deferred == self.state.step:  # in train_state: the format's own components
+            state["train_state"]["validation_deferred"] = True
         return state
 
     def load_state_dict(self, state: tp.Mapping[str, tp.Any]) -> None:
@@ -574,6 +633,8 @@ class Trainer:
         self._load_ema(state.get("ema"))
         self._load_scaler(state.get("grad_scaler"))
         self._load_guard(state.get("guard"))
+        deferred = state["train_state"].get("validation_deferred")
+        self.validation_deferred = self.state.step if deferred else None
         self.apply_loop_settings()
 
     def apply_loop_settings(self) -> None:

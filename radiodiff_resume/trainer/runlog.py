@@ -1,5 +1,5 @@
-"""Metrics: one JSON line per record in ``metrics.jsonl``, mirrored to accelerate trackers,
-and a PNG of the curves at the end of a run.
+"""Metrics: one JSON line per record in ``metrics.jsonl``, mirrored to accelerate's trackers
+(:mod:`radiodiff_resume.trainer.trackers`), and a PNG of the curves at the end of a run.
 
 Only finite numbers are written as numbers; anything else is recorded as ``null``
 with the key listed under ``invalid``, so a NaN can never pass for a real value.
@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from radiodiff_resume.io import MAX_LOG_BYTES, append_line, json_objects, read_regular  # noqa: E402
+from radiodiff_resume.trainer.trackers import TrackerLog  # noqa: E402
 
 
 class RunLog:
@@ -27,12 +28,13 @@ class RunLog:
 
     def __init__(self, folder: Path, accelerator: Accelerator, name: str, enabled: bool) -> None:
         self.path = folder / "metrics.jsonl"
-        self.accelerator = accelerator
         self.name = name
         self.enabled = enabled
         """Whether this process writes (the main process, unless the run is read-only)."""
         if self.enabled:
             folder.mkdir(parents=True, exist_ok=True)
+        tracked = self.enabled and bool(accelerator.trackers)
+        self.trackers = TrackerLog(accelerator, name, self.records() if tracked else (), tracked)
 
     def write(self, step: int, values: tp.Mapping[str, tp.Any]) -> None:
         clean: dict[str, tp.Any] = {}
@@ -48,12 +50,7 @@ class RunLog:
             record["invalid"] = invalid
         if self.enabled:
             append_line(self.path, json.dumps(record) + "\n")
-        numeric = {
-            f"{self.name}/{k}": v for k, v in clean.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
-        }
-        if self.accelerator.trackers:
-            self.accelerator.log(numeric, step=step)
+        self.trackers.log(step, clean)
 
     def records(self) -> list[dict[str, tp.Any]]:
         """This stage's records; a line that is not a JSON object (a torn last line) is skipped."""

@@ -172,26 +172,27 @@ def test_stop_request_saves_the_current_step_and_raises(
     trainer = build(cfg)
     after_step = trainer.after_step
 
-    def stop_after_first(outcome: tp.Any, bar: tp.Any) -> None:
-        after_step(outcome, bar)
-        if trainer.state.step == 1:
+    def stop_after_first(outcome: tp.Any, bar: tp.Any) -> bool:
+        stop = after_step(outcome, bar)
+        if trainer.state.step == 1:  # after step 1's agreement: it rides on step 2's all-reduce
             trainer.request_stop("test")
+        return stop
 
     trainer.after_step = stop_after_first  # type: ignore[method-assign]
-    with pytest.raises(StopRequested, match=r"stopped at step 1 \(test\)"):
+    with pytest.raises(StopRequested, match=r"stopped at step 2 \(test\)"):
         trainer.fit()
 
-    assert trainer.state.step == 1
-    assert committed(cfg.results_folder) == ["step-00000001"]
+    assert trainer.state.step == 2
+    assert committed(cfg.results_folder) == ["step-00000002"]
     log = [e["event"] for e in trainer.events.read() if e["event"] in ("checkpoint_saved", "stopped")]
     assert log == ["checkpoint_saved", "stopped"], "the checkpoint is committed before the stop is reported"
     [stopped] = events(cfg.results_folder, "stopped")
-    assert (stopped["step"], stopped["reason"]) == (1, "test")
+    assert (stopped["step"], stopped["reason"]) == (2, "test")
     assert not (cfg.results_folder / "final").exists()
 
     again = build(cfg)
-    assert again.checkpointer.resume() == cfg.results_folder / "checkpoints" / "step-00000001"
-    assert again.state.step == 1
+    assert again.checkpointer.resume() == cfg.results_folder / "checkpoints" / "step-00000002"
+    assert again.state.step == 2
     assert again.checkpointer.verified is not None and again.checkpointer.verified.ok
 
 

@@ -91,3 +91,40 @@ def test_the_counter_sees_a_read() -> None:
             pass
         float(torch.ones(()))
     assert len(syncs.where) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("guard", ["true", "false"], ids=["guarded", "guards-off"])
+def test_one_collective_per_step_carries_the_stop(tmp_path: Path, synth_cache: Path, guard: str) -> None:
+    """A real 2-process run (gloo): every step's collectives from Python, counted by wrapping
+    ``torch.distributed`` in the child, are one all-reduce — the guard's, which carries the stop flag
+    (with the guards off, the flag's own). Rank 1 alone gets a SIGUSR1 during step 4's all-reduce
+    (after it took its flag): both ranks agree on step 5's and stop after step 5, rank 0 naming rank
+    1's signal."""
+    import json
+
+    import yaml
+
+    from radiodiff_resume.config import build_config
+    from tests.conftest import REPO, tiny_raw
+    from tests.trainer.count_collectives import SIGNAL_AFTER
+    from tests.trainer.test_multiprocess import accelerate_launch
+
+    raw = tiny_raw(tmp_path / "run", synth_cache)
+    raw["trainer"].update(train_num_steps=12, save_and_sample_every=12, val_batches=0, log_freq=12)
+    raw["checkpoint"] = {"every": 12}
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    write_random_first_stage(build_config(raw))
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = accelerate_launch(str(REPO / "tests" / "trainer" / "count_collectives.py"), str(cfg), str(out),
+                             f"guard.enabled={guard}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    stop_at = SIGNAL_AFTER + 2
+    for record in ranks:
+        assert record["stopped"] == stop_at, record
+        for step in range(1, stop_at - 1):  # steps 2..4: no start-up, no stop in them
+            assert record["per_step"][str(step)] == ["all_reduce"], (step, record["per_step"])
+    assert "SIGUSR1 on rank 1" in ranks[0]["message"], ranks[0]["message"]

@@ -4,7 +4,7 @@
 how to start it by hand) and returns the environment SLURM clients need. ``sbatch``,
 ``job_info``, ``wait_for`` and ``hostnames`` are thin wrappers over the SLURM command-line
 tools. There is no accounting on this cluster (``sacct`` does not work): the final state of a
-job is read from ``scontrol show job``, which keeps finished jobs for ``MinJobAge`` = 10 min.
+job is read from ``scontrol show job``, which keeps finished jobs for ``MinJobAge`` (1 hour).
 """
 
 from __future__ import annotations

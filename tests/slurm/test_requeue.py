@@ -58,7 +58,9 @@ def write_config(folder: Path, synth_cache: Path, name: str, ae: Path, step_s: f
         raw["model"]["unet"]["params"]["step_s"] = step_s
     raw["trainer"].update(train_num_steps=STEPS, save_and_sample_every=STEPS, val_batches=0, log_freq=100)
     raw["checkpoint"] = {"every": EVERY, "keep_last": 2}
-    raw["slurm"] = {"time_min": TIME_MIN, "signal_lead_s": LEAD_S, "cpus_per_task": 1, **slurm}
+    # stop_margin_s null: these jobs test the signals; tests/slurm/test_clock_stop.py the clock
+    raw["slurm"] = {"time_min": TIME_MIN, "signal_lead_s": LEAD_S, "cpus_per_task": 1, "stop_margin_s": None,
+                    **slurm}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -89,14 +91,25 @@ def shared(cluster_jobs: ClusterJobs) -> tuple[Path, Path]:
     return setup(cluster_jobs)
 
 
+_STRAIGHT: dict[int, Weights] = {}
+
+
+def straight_weights(jobs: ClusterJobs) -> Weights:
+    """The uninterrupted run (the plain denoiser, not paced), on this host while the jobs run (once
+    they are all submitted: the submissions are on the way of every job); once per session, for
+    every module that compares with it (fixtures run in the main thread: no lock; not
+    ``jobs.once``, whose lock the scenarios' submissions need meanwhile)."""
+    if id(jobs) not in _STRAIGHT:
+        folder, _ = setup(jobs)
+        jobs.wait_submitted()
+        run_to_end(folder / "straight.yaml", 1, folder)
+        _STRAIGHT[id(jobs)] = final_tensors(folder / "straight")
+    return _STRAIGHT[id(jobs)]
+
+
 @pytest.fixture(scope="module")
 def straight(cluster_jobs: ClusterJobs, shared: tuple[Path, Path]) -> Weights:
-    """The uninterrupted run (the plain denoiser, not paced), on this host while the jobs run (once
-    they are all submitted: the submissions are on the way of every job)."""
-    folder, _ = shared
-    cluster_jobs.wait_submitted()
-    run_to_end(folder / "straight.yaml", 1, folder)
-    return final_tensors(folder / "straight")
+    return straight_weights(cluster_jobs)
 
 
 @pytest.fixture(scope="module")
@@ -448,7 +461,7 @@ def test_scancel_commits_a_checkpoint_but_leaves_the_job_cancelled(
     assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
     [stopped] = left["stopped"]
     assert stopped["reason"] == "SIGTERM" and left["committed"] == [True]
-    assert "not requeued: SIGTERM ends a job" in left["log"]
+    assert "not requeued: cancelled (scancel: JobState=COMPLETING" in left["log"]
 
     wait_for(left["again"], {"COMPLETED"}, timeout=600, env=cluster_jobs.env)
     assert_nothing_lost(results, stops=1, reason="SIGTERM")

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from radiodiff_resume.slurm.environment import stop_verdict
 from radiodiff_resume.slurm.signals import DEFAULT_SIGNALS, StopFlag, agreed_reason, signal_number
 
 
@@ -35,8 +36,15 @@ def test_a_real_signal_only_sets_the_flag(flag: StopFlag, name: str) -> None:
     assert flag.reason == name
     os.kill(os.getpid(), signal.SIGTERM)
     assert flag.reason == name, "the first stop's reason is kept"
+    assert flag.terminated, "a SIGTERM after it is noted: it may be a cancel"
     flag.clear()
-    assert flag.reason is None
+    assert flag.reason is None and flag.terminated, "still known when the requeue is decided"
+
+
+def test_without_a_sigterm_nothing_is_terminated(flag: StopFlag) -> None:
+    flag.install()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert flag.reason == "SIGUSR1" and not flag.terminated
 
 
 def test_only_configured_signals_are_caught_and_uninstall_gives_them_back(flag: StopFlag) -> None:
@@ -108,3 +116,31 @@ def test_every_rank_acts_on_one_reason(reasons: list[str | None], agreed: tuple[
     "another rank" before, and a 2-node job at its time limit was not requeued), and a cancel
     anywhere must not be undone by a requeue."""
     assert agreed_reason(reasons) == agreed
+
+
+# What ``scontrol show job`` said inside real jobs on the local cluster (Slurm 22.05.8), at the moment
+# the job's tasks got their signal.
+RUNNING = {"JobState": "RUNNING", "Reason": "None", "Restarts": "0", "PreemptTime": "None"}
+CANCELLED = {**RUNNING, "JobState": "COMPLETING"}  # scancel: at once, before any task has ended
+TIMED_OUT = {**RUNNING, "JobState": "COMPLETING", "Reason": "TimeLimit"}
+PREEMPTED = {**RUNNING, "PreemptTime": "2026-12-06T08:53:23"}  # GraceTime running: still RUNNING
+REQUEUED_BY_SLURM = {**RUNNING, "JobState": "COMPLETING", "Restarts": "1"}  # grace time ran out
+
+
+@pytest.mark.parametrize(("info", "terminated", "requeue", "cause"), [
+    (RUNNING, False, True, "signal"),             # --signal ahead of the time limit, or scancel --signal=USR1
+    (RUNNING, True, False, "cancel"),             # scancel --signal=TERM: nothing explains it
+    (CANCELLED, False, False, "cancel"),          # USR1, then scancel before the requeue
+    (CANCELLED, True, False, "cancel"),
+    (TIMED_OUT, True, True, "time limit"),
+    (PREEMPTED, True, True, "preemption"),        # Slurm would not requeue a job that ended in time
+    ({**PREEMPTED, "JobState": "COMPLETING"}, True, False, "cancel"),  # scancel during the grace time
+    (REQUEUED_BY_SLURM, True, False, "unknown"),  # requeueing again would fail or run it twice
+    (None, False, True, "unknown"),               # no answer: the signal decides
+    (None, True, False, "unknown"),
+])
+def test_the_controller_decides_whether_a_stopped_job_requeues(
+    info: dict[str, str] | None, terminated: bool, requeue: bool, cause: str
+) -> None:
+    verdict = stop_verdict(info, terminated, restart_count=0)
+    assert (verdict.requeue, verdict.cause) == (requeue, cause), verdict

@@ -99,10 +99,11 @@ def interrupt(monkeypatch: pytest.MonkeyPatch, phase: str, send: tp.Callable[[],
     elif phase == "first stage":
         after = AutoencoderTrainer.after_step
 
-        def after_step(self: AutoencoderTrainer, *args: tp.Any) -> None:
-            after(self, *args)
+        def after_step(self: AutoencoderTrainer, *args: tp.Any) -> bool:
+            stop = after(self, *args)
             if self.state.step == 1:
                 send()
+            return stop
         monkeypatch.setattr(AutoencoderTrainer, "after_step", after_step)
     elif phase == "between the stages":
         end = AutoencoderTrainer.on_fit_end
@@ -125,7 +126,7 @@ def interrupt(monkeypatch: pytest.MonkeyPatch, phase: str, send: tp.Callable[[],
 
 @pytest.mark.parametrize("phase, stage, step", [
     ("data preparation", "first_stage", 0),
-    ("first stage", "first_stage", 1),
+    ("first stage", "first_stage", 2),  # sent after step 1's all-reduce: agreed on step 2's
     ("between the stages", "ldm", 0),
     ("validation", "ldm", 3),
 ])

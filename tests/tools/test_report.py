@@ -71,10 +71,11 @@ def real_run(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Pat
     cfg = build_config(raw, JOB)
     after_step = LatentDiffusionTrainer.after_step
 
-    def preempted(self: LatentDiffusionTrainer, *args: tp.Any) -> None:
-        after_step(self, *args)
-        if self.state.step == STOP_AT:
+    def preempted(self: LatentDiffusionTrainer, *args: tp.Any) -> bool:
+        stop = after_step(self, *args)
+        if self.state.step == STOP_AT - 1:  # agreed on step STOP_AT's all-reduce: the stop saves STOP_AT
             os.kill(os.getpid(), signal.SIGUSR1)
+        return stop
 
     STOP.install()
     try:
