@@ -185,7 +185,9 @@ def file_trial(s: Setup, name: str, make: Hostile, command: str, code: int, slur
     job, where the crash-loop ledger ``restarts.json`` is read."""
     path = s.results / name
     check = make.make(path, s)
-    env = {"SLURM_JOB_ID": "4242"} if slurm else None
+    # a job id no controller has (scontrol's ids are 32-bit): never a real interactive job on a
+    # shared cluster, where the crash-loop brake would stay inert; unknown to it → counted as batch
+    env = {"SLURM_JOB_ID": "4294967290"} if slurm else None
     return s.run(command, env=env).problems(code, name if code else None) + check()
 
 
