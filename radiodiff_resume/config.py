@@ -17,6 +17,7 @@ import hashlib
 import importlib
 import importlib.util
 import math
+import os
 import re
 import signal
 import typing as tp
@@ -953,7 +954,20 @@ def config_changes(
     """
     old, new = leaves(saved), leaves(now)
     return [(k, old.get(k, ABSENT), new.get(k, ABSENT)) for k in sorted(set(old) | set(new))
-            if old.get(k, ABSENT) != new.get(k, ABSENT)]
+            if not _same(k, old.get(k, ABSENT), new.get(k, ABSENT))]
+
+
+PATH_KEYS = ("results_folder", "root", "ckpt_path", "log_folder")
+"""Config keys holding a file or folder path: ``runs/ldm`` and its absolute form are one place."""
+
+
+def _same(key: str, saved: tp.Any, now: tp.Any) -> bool:
+    """Equal values, or two spellings of one path (relative to the current folder) under a path key."""
+    if saved == now:
+        return True
+    if key.rsplit(".", 1)[-1] in PATH_KEYS and isinstance(saved, str) and isinstance(now, str):
+        return os.path.abspath(os.path.expanduser(saved)) == os.path.abspath(os.path.expanduser(now))
+    return False
 
 
 def jsonable(value: tp.Any) -> tp.Any:

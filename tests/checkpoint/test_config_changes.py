@@ -183,3 +183,19 @@ def test_a_key_added_since_the_checkpoint_is_absent_not_none_and_never_offered_b
     assert trainer.checkpointer.resume() == run / "checkpoints" / STEP4
     changes = changed_keys(run)
     assert changes == {"model.default_scale": (None, False), "trainer.lr_schedule": (None, "radiodiff")}
+
+
+def test_a_path_spelled_relative_or_absolute_is_no_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``runs/ldm`` and its absolute form name one folder (an import writes the absolute one): not a
+    config change; another folder, or the same spelling under a key that is not a path, still is."""
+    from radiodiff_resume.config import config_changes
+
+    monkeypatch.chdir(tmp_path)
+    saved = {"trainer": {"results_folder": str(tmp_path / "runs" / "ldm"), "seed": 0},
+             "data": {"root": str(tmp_path / "maps")}, "slurm": {"job_name": str(tmp_path / "x")}}
+    now = {"trainer": {"results_folder": "runs/ldm", "seed": 0}, "data": {"root": "./maps/"},
+           "slurm": {"job_name": "x"}}
+    assert config_changes(saved, now) == [("slurm.job_name", str(tmp_path / "x"), "x")]
+    now["trainer"]["results_folder"] = "runs/other"
+    assert [k for k, _, _ in config_changes(saved, now)] == ["slurm.job_name", "trainer.results_folder"]
