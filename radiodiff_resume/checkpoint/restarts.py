@@ -19,16 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import subprocess
 import typing as tp
 from pathlib import Path
 
 from radiodiff_resume.io import is_regular_file, read_regular, write_text_atomic
+from radiodiff_resume.slurm.environment import show_job
 
 LEDGER = "restarts.json"
-_BATCH_FLAG = re.compile(r"(?:^|\s)BatchFlag=(\d+)(?:\s|$)")
 
 
 def batch_job(environ: tp.Mapping[str, str] = os.environ) -> bool | None:
@@ -38,16 +35,8 @@ def batch_job(environ: tp.Mapping[str, str] = os.environ) -> bool | None:
     job = environ.get("SLURM_JOB_ID")
     if not job:
         return False
-    scontrol = shutil.which("scontrol")
-    if scontrol is None:
-        return None
-    try:
-        out = subprocess.run([scontrol, "show", "job", "-o", job], capture_output=True, text=True,
-                             timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    flag = _BATCH_FLAG.search(out.stdout) if out.returncode == 0 else None
-    return None if flag is None else flag.group(1) != "0"
+    flag = (show_job(job) or {}).get("BatchFlag", "")
+    return flag != "0" if flag.isdigit() else None
 
 
 class RestartLedger:

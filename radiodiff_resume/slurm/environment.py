@@ -163,7 +163,7 @@ def show_job(job: str) -> dict[str, str] | None:
     try:
         out = subprocess.run([scontrol, "show", "job", "-o", job], capture_output=True, text=True,
                              timeout=60, check=False)
-    except subprocess.TimeoutExpired:
+    except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
         return None
