@@ -1,8 +1,8 @@
-"""Steps lost per preemption and time to the first step after a requeue, on a real SLURM cluster.
+"""Steps lost per stop and time to the first step after a requeue, on a real SLURM cluster.
 
-Two sides, one after the other in one invocation, each a ``radiodiff-resume submit`` job of the
-same config on the local cluster (``slurm/local_cluster.sh``), interrupted at the same seeded
-random steps:
+Six jobs of the same config at the same time on the local cluster (``slurm/local_cluster.sh``), each
+step paced to a fixed time (``tests/slurm/paced.py``). Two ``radiodiff-resume submit`` jobs,
+interrupted at the same seeded random steps:
 
 - **ours**: ``scancel --signal=USR2 <job>`` (what a preemption sends): the job stops at the next
   step boundary, commits a checkpoint, requeues itself and resumes from it;
@@ -10,10 +10,15 @@ random steps:
   middle of its step, then ``scontrol requeue <job>``: it resumes from its last periodic
   checkpoint.
 
+and four through ``slurm/train.sbatch``, each stopped once: a time limit with ``--signal``, a time
+limit without it (the job's own clock), a real preemption (partition ``preemptible``, GraceTime) and
+a cancel after USR1 (it must stay cancelled). Each one's steps lost and last step → first step after
+the requeue stand beside the SIGKILL → requeue baseline's of the same invocation.
+
 Every figure comes from the jobs' own files (``metrics.jsonl``, ``events.jsonl``, submitit's
 log) and is written to the ``bench_requeue`` section of ``bench/RESULTS.md``.
 
-    python bench/bench_requeue.py                          # 3 preemptions per side (about 6 min)
+    python bench/bench_requeue.py                          # 3 preemptions per side (about 5 min)
     python bench/bench_requeue.py --preemptions 5 --steps 800 --seed 1 --out /tmp/r.md
 
 See ``bench/README.md`` for what each side does and how to read the numbers.
@@ -35,14 +40,23 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import typing as tp
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from results import cpu_model, write_section
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the tests' SLURM helpers and the paced denoiser (tests/slurm)
+
+from results import cpu_model, write_section  # noqa: E402
+
+from tests.slurm.cluster import job_info, sbatch  # noqa: E402
+from tests.slurm.test_cancel import REQUEUE_WOULD_SHOW_S  # noqa: E402
+from tests.slurm.test_clock_stop import template_without_signal  # noqa: E402
+from tests.slurm.test_preemption import SLOT  # noqa: E402
+from tests.slurm.test_requeue import job_env  # noqa: E402
+
 CONFIG = REPO / "configs" / "radio_tiny.yaml"
 CLUSTER = REPO / "slurm" / "local_cluster.sh"
 SECTION = "bench_requeue"
@@ -58,10 +72,25 @@ QUIET_S = 20
 """The queue must stay empty this long before a side starts."""
 WAIT_S = 300
 """Longest wait for one thing (a step, a requeued run) before the bench gives up."""
+STEP_S = 0.4
+"""Every job trains the paced denoiser (``tests/slurm/paced.py``): its forwards start at least this far
+apart, so six jobs at once on two cores train at the same pace whatever each one's neighbours do."""
+LIMIT_MIN, LEAD_S = 3, 30
+"""The time-limited jobs: ``--time=3``; the signal job asks for USR1 30 s ahead (Slurm sends it 30-60 s
+ahead: it checks time limits every 30 s); the clock job keeps the default ``slurm.stop_margin_s``."""
 SIDES = ("ours", "baseline")
+STOPS = ("limit_signal", "limit_clock", "preempted", "cancelled")
+"""The other ways a run is stopped, each one job through ``slurm/train.sbatch``, stopped once."""
+PREEMPT_LATER = 60
+"""The preemption comes this many steps after the first drawn step (24 s of paced steps): not while
+ours, the baseline and the cancelled job stop and start up again at that step, beside it on two cores."""
 ENDED = frozenset({"FAILED", "CANCELLED", "COMPLETED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"})
 LABELS = {"ours": "ours (USR2 → step-boundary save → requeue)",
-          "baseline": "baseline (SIGKILL → `scontrol requeue`)"}
+          "baseline": "baseline (SIGKILL → `scontrol requeue`)",
+          "limit_signal": f"time limit, `--signal=B:USR1@{LEAD_S}` (`slurm.stop_margin_s=null`)",
+          "limit_clock": "time limit, no `--signal`: the job's clock (`slurm.stop_margin_s` 60)",
+          "preempted": "preemption: partition `preemptible` (GraceTime 60 s), an `urgent` job takes the slot",
+          "cancelled": "cancel: `scancel --batch --signal=USR1`, then `scancel`"}
 START_LINE = re.compile(
     r"submitit INFO \((\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})\) - Starting with JobEnvironment")
 BUDGET_LINE = re.compile(r"a step takes ([\d.]+) s and a checkpoint ([\d.]+) s")
@@ -115,8 +144,8 @@ def ensure_cluster(env: dict[str, str]) -> str:
 
 
 def queue(env: dict[str, str]) -> list[str]:
-    """Every job in the queue, one ``id name user state`` line each."""
-    lines = run(["squeue", "-h", "-o", "%i %j %u %T"], env).splitlines()
+    """Every job in the queue, one ``id state workdir`` line each."""
+    lines = run(["squeue", "-h", "-o", "%i %T %Z"], env).splitlines()
     return [line.strip() for line in lines if line.strip()]
 
 
@@ -142,12 +171,6 @@ def wait_idle(env: dict[str, str], timeout: float) -> float:
                       f"[{now - start:.0f} s of at most {timeout:.0f} s]", flush=True)
                 said = now - start
         time.sleep(1)
-
-
-def job_fields(job: str, env: dict[str, str]) -> dict[str, str]:
-    out = run(["scontrol", "show", "job", "-o", job], env)
-    return {k: m.group(1) for k in ("JobState", "Restarts", "StartTime", "NodeList")
-            if (m := re.search(rf"\b{k}=(\S*)", out))}
 
 
 def slurmctld_log() -> Path:
@@ -256,6 +279,20 @@ class Side:
     submitted: float = 0.0
     ended: float = 0.0
     load_after: float = 0.0
+    helpers: list[str] = field(default_factory=list)
+    """Other jobs this side submitted (the preemption's ``urgent`` job)."""
+    final: dict[str, str] = field(default_factory=dict)
+    """The cancelled job's controller view, ``REQUEUE_WOULD_SHOW_S`` after it ended."""
+
+    @property
+    def template(self) -> bool:
+        """Submitted through ``slurm/train.sbatch`` (the sides of STOPS), not ``radiodiff-resume submit``."""
+        return self.name in STOPS
+
+    @property
+    def root(self) -> Path:
+        """The bench's folder: every job whose working directory lies below it is the bench's own."""
+        return self.folder.parent
 
     @property
     def metrics(self) -> Path:
@@ -267,6 +304,8 @@ class Side:
 
     @property
     def err_log(self) -> Path:
+        if self.template:
+            return self.folder / f"job-{self.job}.out"
         return self.log_folder / f"{self.job}_0_log.err"
 
 
@@ -281,6 +320,9 @@ def overrides(folder: Path, ae: Path, steps: int, cache_dir: str | None) -> list
         f"checkpoint.every={EVERY}",
         "slurm.time_min=30",
         "slurm.cpus_per_task=1",
+        "model.unet.target=tests.slurm.paced.PacedUNet",
+        f"model.unet.params.step_s={STEP_S}",
+        "data.batch_size=4",
     ]
     if cache_dir:
         out.append(f"data.synthetic.cache_dir={cache_dir}")
@@ -310,32 +352,32 @@ class Watch:
 
     def poll_slurm(self, force: bool = False) -> dict[str, str]:
         now = time.monotonic()
-        if not force and now - self.last_poll < 0.5:
+        if not force and now - self.last_poll < 1.0:
             return {}
         self.last_poll = now
-        info = job_fields(self.side.job, self.env)
+        info = job_info(self.side.job, self.env)
         if info.get("JobState") == "RUNNING" and info.get("StartTime", "Unknown") != "Unknown":
             restarts = int(info.get("Restarts", "0") or 0)
             if restarts not in self.side.slurm_starts:
                 self.side.slurm_starts[restarts] = (local_epoch(info["StartTime"], "%Y-%m-%dT%H:%M:%S"),
                                                     info.get("NodeList", "?"))
         for line in queue(self.env):
-            job_id, *_, state = line.split()
-            if job_id != self.side.job:
+            job_id, state, *workdir = line.split(maxsplit=2)
+            if not (workdir and Path(workdir[0]).is_relative_to(self.side.root)):
                 self.side.other_jobs.setdefault(job_id, set()).add(state)
         return info
 
     def fail(self, what: str) -> tp.NoReturn:
-        info = job_fields(self.side.job, self.env)
+        info = job_info(self.side.job, self.env)
         log = self.side.err_log
         tail = log.read_text(errors="replace").splitlines()[-25:] if log.exists() else ["(no log yet)"]
-        raise RuntimeError(f"{self.side.name}: job {self.side.job} {what} (after {WAIT_S} s): {info}\n"
+        raise RuntimeError(f"{self.side.name}: job {self.side.job} {what}: {info}\n"
                            + "\n".join(tail))
 
     def until(self, ready: tp.Callable[[], bool], what: str, poll: float = 0.02,
-              may_end: bool = False) -> None:
-        """Poll ``ready`` until it holds; fail when the job ends (unless ``may_end``) or after WAIT_S."""
-        deadline = time.monotonic() + WAIT_S
+              may_end: bool = False, timeout: float = WAIT_S) -> None:
+        """Poll ``ready`` until it holds; fail when the job ends (unless ``may_end``) or after ``timeout``."""
+        deadline = time.monotonic() + timeout
         while not ready():
             info = self.poll_slurm()
             if info.get("JobState") in ENDED and not may_end:
@@ -396,7 +438,7 @@ def run_side(side: Side, args: argparse.Namespace, env: dict[str, str], ae: Path
             run(["scancel", "--signal=USR2", side.job], env)
         else:
             side.signals.append(sigkill_training(side))
-            watch.until(lambda: job_fields(side.job, env).get("JobState") == "FAILED", "ended FAILED",
+            watch.until(lambda: job_info(side.job, env).get("JobState") == "FAILED", "ended FAILED",
                         poll=0.1, may_end=True)
             side.requeued.append(time.time())
             run(["scontrol", "requeue", side.job], env)
@@ -415,17 +457,87 @@ def run_side(side: Side, args: argparse.Namespace, env: dict[str, str], ae: Path
     side.ended = time.time()
 
 
+def submit_template(side: Side, args: argparse.Namespace, env: dict[str, str], ae: Path) -> None:
+    """Submit the side's job through ``slurm/train.sbatch`` (the time limit, the partition and the
+    signal as each scenario needs them), with the same config as the other sides."""
+    side.folder.mkdir(parents=True)
+    script, opts, extra = REPO / "slurm" / "train.sbatch", [f"--time={LIMIT_MIN}"], []
+    if side.name == "limit_signal":
+        opts.append(f"--signal=B:USR1@{LEAD_S}")
+        extra.append("slurm.stop_margin_s=null")  # the signal alone: the clock would stop it first
+    elif side.name == "limit_clock":
+        script = template_without_signal(side.folder)
+    elif side.name == "preempted":
+        opts = ["-p", "preemptible", SLOT, "--time=20"]
+    else:
+        opts = ["--time=20"]
+    side.submitted = time.time()
+    side.job = sbatch(script, *opts, "--cpus-per-task=1", f"--job-name=bench-{side.name}",
+                      f"--output={side.folder}/job-%j.out", env=job_env(env), cwd=side.folder,
+                      script_args=["--cfg", str(CONFIG), *extra,
+                                   *overrides(side.folder, ae, args.steps, args.cache_dir)])
+
+
+def resumed_and_trained(side: Side) -> bool:
+    """The job was requeued, resumed and trained a few steps since."""
+    runs = event_runs(side)
+    return len(runs) > 1 and runs[1].last_step is not None and runs[1].last_step >= runs[1].from_step + 3
+
+
+def run_stop(side: Side, args: argparse.Namespace, env: dict[str, str], ae: Path, target: int,
+             offset: float) -> None:
+    """One of STOPS: submit, stop it the scenario's way (or let its time limit come), then wait until the
+    requeued run trained a few steps (the cancel: until the job has stayed cancelled for
+    ``REQUEUE_WOULD_SHOW_S``)."""
+    submit_template(side, args, env, ae)
+    side.targets = [target] if side.name in {"preempted", "cancelled"} else []
+    print(f"{side.name}: job {side.job}" + (f", stopped after step {target}" if side.targets else ""),
+          flush=True)
+    watch = Watch(side, env)
+    if side.targets:
+        watch.until(lambda: watch.stepped_past(target, 0.0), f"reached step {target}", poll=0.05)
+        time.sleep(offset * STEP_S)  # a random moment inside the running step
+        side.signals.append(time.time())
+        if side.name == "preempted":
+            node = job_info(side.job, env)["NodeList"]
+            side.helpers.append(sbatch("#!/bin/bash\ntrue\n", "-p", "urgent", SLOT, f"--nodelist={node}",
+                                       f"--output={side.folder}/urgent-%j.out", env=env, cwd=side.folder))
+        else:
+            run(["scancel", "--batch", "--signal=USR1", side.job], env)
+            run(["scancel", side.job], env)
+    if side.name == "cancelled":
+        def ended_or_back() -> bool:
+            info = job_info(side.job, env)
+            return info.get("JobState") in ENDED or info.get("Restarts", "0") != "0"
+
+        watch.until(ended_or_back, "ended", poll=0.2, may_end=True)
+        time.sleep(REQUEUE_WOULD_SHOW_S)
+        side.final = job_info(side.job, env)
+    else:
+        watch.until(lambda: resumed_and_trained(side), "was requeued and trained again", poll=0.2,
+                    timeout=2 * WAIT_S)
+    print(f"  {side.name}: done", flush=True)
+    watch.poll_slurm(force=True)
+    side.final = side.final or job_info(side.job, env)
+    end_job(side, env)
+    side.ended = time.time()
+
+
 def end_job(side: Side, env: dict[str, str]) -> None:
-    """SIGKILL the training process (a plain scancel would make our job save and requeue itself),
-    then cancel whatever is left of the job."""
+    """SIGKILL the training process, then cancel whatever is left of the job (a job of the template
+    is only cancelled: it saves and stays cancelled)."""
+    if side.helpers:
+        run(["scancel", *side.helpers], env, check=False)
     if not side.job:
         return
+    if side.template:
+        run(["scancel", side.job], env, check=False)
     for pid in training_pids(side.folder):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        state = job_fields(side.job, env).get("JobState", "")
+        state = job_info(side.job, env).get("JobState", "")
         if state not in {"RUNNING", "COMPLETING"}:
             break
         time.sleep(0.2)
@@ -449,6 +561,8 @@ class RunInfo:
     first_step: float | None
     """The first metrics line: the first optimizer step is done."""
     last_step: int | None
+    last_time: float | None
+    """The last metrics line: where this run's training stopped."""
     stopped: dict[str, tp.Any] | None
 
     @property
@@ -479,6 +593,8 @@ class Preemption:
     signal_to_start: float
     signal_to_back: float | None
     """Signal → the first step past ``last_step``: wall time the preemption cost in all."""
+    gap: float | None
+    """The interrupted run's last step → the next run's first step (the time no step was trained)."""
 
     @property
     def lost(self) -> int:
@@ -508,6 +624,7 @@ def analyse(side: Side) -> tuple[list[RunInfo], list[Preemption], dict[str, tp.A
             ready=begin["time"] if begin else None,
             first_step=mine[0]["time"] if mine else None,
             last_step=mine[-1]["step"] if mine else None,
+            last_time=mine[-1]["time"] if mine else None,
             stopped=next((e for e in evs if e["event"] == "stopped"), None),
         ))
     preemptions = []
@@ -526,6 +643,8 @@ def analyse(side: Side) -> tuple[list[RunInfo], list[Preemption], dict[str, tp.A
             requeued=requeued, restarted=after.slurm_start, next_start=after.start,
             signal_to_start=after.start - sig,
             signal_to_back=None if back is None else back - sig,
+            gap=(None if after.first_step is None or before.last_time is None
+                 else after.first_step - before.last_time),
         ))
     err = side.err_log.read_text(errors="replace") if side.err_log.exists() else ""
     budget = BUDGET_LINE.search(err)
@@ -539,6 +658,84 @@ def analyse(side: Side) -> tuple[list[RunInfo], list[Preemption], dict[str, tp.A
                                  for d in (side.folder / "checkpoints").glob("step-*")), default=0),
     }
     return runs, preemptions, extra
+
+
+@dataclass
+class EventRun:
+    """One run of a job, from its files alone: it begins with its ``resumed`` / ``fresh_start`` event."""
+    from_step: int
+    ready: float
+    first_step: float | None
+    """Its first ``metrics.jsonl`` line (the first optimizer step done)."""
+    last_step: int | None
+    last_time: float | None
+    """Its last ``metrics.jsonl`` line: where training stopped."""
+    stopped: dict[str, tp.Any] | None
+
+
+def event_runs(side: Side) -> list[EventRun]:
+    """The job's runs, split by their ``resumed`` / ``fresh_start`` events (``trainer.log_freq=1``)."""
+    events = [e for e in read_jsonl(side.folder / "events.jsonl") if e.get("stage") == "ldm"]
+    metrics = [m for m in read_jsonl(side.metrics) if m.get("stage") == "ldm"]
+    begins = [e for e in events if e["event"] in {"resumed", "fresh_start"}]
+    runs = []
+    for i, begin in enumerate(begins):
+        hi = begins[i + 1]["time"] if i + 1 < len(begins) else float("inf")
+        mine = [m for m in metrics if begin["time"] <= m["time"] < hi]
+        runs.append(EventRun(
+            from_step=int(begin["step"]) if begin["event"] == "resumed" else 0, ready=begin["time"],
+            first_step=mine[0]["time"] if mine else None, last_step=mine[-1]["step"] if mine else None,
+            last_time=mine[-1]["time"] if mine else None,
+            stopped=next((e for e in events if e["event"] == "stopped" and begin["time"] <= e["time"] < hi),
+                         None)))
+    return runs
+
+
+@dataclass
+class StopResult:
+    """One of STOPS, read back: the stop, what was lost, how long until the requeued run's first step."""
+    side: Side
+    reason: str
+    last_step: int
+    committed: int
+    """The newest committed checkpoint after the stop (its ``manifest.json``)."""
+    resumed_from: int | None
+    """None: not requeued (no later run)."""
+    stop_to_commit: float | None
+    """Last step → the ``stopped`` event (checkpoint committed)."""
+    gap: float | None
+    """Last step → the requeued run's first step."""
+    restarts: int
+    state: str
+    verdict: str
+    """The template's own line: why it requeued or not."""
+
+    @property
+    def lost(self) -> int:
+        """Steps trained and not kept: those after the checkpoint the next run resumed from (not
+        requeued: after the newest committed checkpoint)."""
+        return self.last_step - (self.committed if self.resumed_from is None else self.resumed_from)
+
+
+def analyse_stop(side: Side) -> StopResult:
+    runs = event_runs(side)
+    first = runs[0] if runs else EventRun(0, 0.0, None, None, None, None)
+    after = runs[1] if len(runs) > 1 else None
+    saved = [int(d.name.split("-")[1]) for d in (side.folder / "checkpoints").glob("step-*")
+             if (d / "manifest.json").exists()]
+    log = side.err_log.read_text(errors="replace") if side.err_log.exists() else ""
+    verdict = re.search(r"radiodiff_resume: stopped \((.*)", log)
+    info = side.final or job_info(side.job, slurm_env())
+    return StopResult(
+        side=side, reason=str(first.stopped["reason"]) if first.stopped else "–",
+        last_step=first.last_step or 0, committed=max(saved, default=0),
+        resumed_from=None if after is None else after.from_step,
+        stop_to_commit=(None if first.stopped is None or first.last_time is None
+                        else first.stopped["time"] - first.last_time),
+        gap=(None if after is None or after.first_step is None or first.last_time is None
+             else after.first_step - first.last_time),
+        restarts=int(info.get("Restarts", "0") or 0), state=info.get("JobState", "?"),
+        verdict=verdict.group(1).strip() if verdict else "–")
 
 
 # ----- report --------------------------------------------------------------------------
@@ -607,10 +804,10 @@ already imported), **checkpoint loaded** = the run's `resumed` / `fresh_start` e
 step** = the run's first `metrics.jsonl` line (written when the first optimizer step is done);
 **Slurm start** and **requeued** = slurmctld's own log lines for the job (`sched: Allocate` /
 `_start_job: Started`, `Requeuing`; ms resolution; without a readable log, `StartTime` of
-`scontrol show job`, whole seconds). The two sides run one after the other, not at the same time:
-each job has a whole core, and the bench waits for `squeue` to stay empty for {quiet} s before
-each side; every ratio below is within one side (resumed runs against that side's own fresh
-start).
+`scontrol show job`, whole seconds). Every job runs at the same time (the bench waits for `squeue`
+to stay empty for {quiet} s before it submits them): each has a CPU of the cluster, while the six
+share this machine's two cores; its steps are paced, its start-ups compete. The ratios of this
+table and the next are within one side (resumed runs against that side's own fresh start).
 """
 
 
@@ -635,25 +832,132 @@ def summary_rows(results: list[SideResult]) -> list[str]:
     return rows
 
 
-def headline(results: list[SideResult]) -> list[dict[str, tp.Any]]:
-    """Rows for the headline table of ``python -m bench``: steps lost per preemption and resume latency
-    (process start → first step of a resumed run), ours against the baseline side of this run."""
+SHORT = {"ours": "USR2 (a preemption's signal)", "limit_signal": "time limit with `--signal`",
+         "limit_clock": "time limit, clock only (no `--signal`)",
+         "preempted": "preemption with GraceTime 60 s", "cancelled": "cancel after USR1"}
+
+
+@dataclass
+class Compared:
+    """One way of stopping, in the figures every way shares, beside the SIGKILL → requeue baseline."""
+    name: str
+    stops: int
+    reasons: str
+    lost: list[int]
+    stop_to_commit: list[float]
+    gaps: list[float]
+    requeued: str
+
+
+def compared(results: list[SideResult], stops: list[StopResult]) -> list[Compared]:
+    out = []
+    for res in results:
+        reasons = ", ".join(sorted({str(e["reason"]) for e in res.extra["stops"]})) or "– (killed)"
+        commit = [r.stopped["time"] - r.last_time for r in res.runs
+                  if r.stopped is not None and r.last_time is not None]
+        out.append(Compared(res.side.name, len(res.pre), reasons, [p.lost for p in res.pre], commit,
+                            [p.gap for p in res.pre if p.gap is not None],
+                            "by itself (`scontrol requeue`)" if res.side.name == "ours"
+                            else "by the bench, once `FAILED` (`scontrol requeue`)"))
+    for st in stops:
+        requeued = (f"yes (Restarts {st.restarts})" if st.resumed_from is not None else
+                    f"**no**: {st.state}, Restarts {st.restarts}, {REQUEUE_WOULD_SHOW_S:.0f} s after it ended"
+                    if st.side.name == "cancelled" else f"no: {st.state}, Restarts {st.restarts}")
+        out.append(Compared(st.side.name, 1, st.reason, [st.lost],
+                            [] if st.stop_to_commit is None else [st.stop_to_commit],
+                            [] if st.gap is None else [st.gap], requeued))
+    return out
+
+
+def baseline_of(rows: list[Compared]) -> tuple[float | None, float | None]:
+    """The SIGKILL → requeue side's mean steps lost and median last step → first step after the requeue."""
+    base = next((c for c in rows if c.name == "baseline"), None)
+    if base is None:
+        return None, None
+    return (statistics.mean(base.lost) if base.lost else None), _med(base.gaps)
+
+
+def compared_rows(rows: list[Compared]) -> list[str]:
+    base_lost, base_gap = baseline_of(rows)
+    out = [
+        "| how the run was stopped | stops | stop reason (`stopped` event) | steps lost | mean, / SIGKILL → "
+        "requeue | last step → checkpoint committed (s) | **last step → first step after the requeue (s)** | "
+        "median / SIGKILL → requeue | requeued |",
+        "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for c in rows:
+        mean = statistics.mean(c.lost) if c.lost else None
+        vs_lost = "–" if mean is None else f"{mean:.1f}" + ("" if base_lost is None or c.name == "baseline"
+                                                            else f" / {base_lost:.1f}")
+        gap = _med(c.gaps)
+        vs_gap = ("–" if gap is None or not base_gap or c.name == "baseline"
+                  else f"{gap:.1f} / {base_gap:.1f} = {gap / base_gap:.2f}×")
+        lost = ", ".join(map(str, c.lost)) or "–"
+        out.append(f"| {LABELS[c.name]} | {c.stops} | {c.reasons} | **{lost}** | "
+                   f"{vs_lost} | {_spread(c.stop_to_commit) if c.stop_to_commit else '–'} | "
+                   f"**{_spread(c.gaps)}** | {vs_gap} | {c.requeued} |")
+    return out
+
+
+def stops_reading(rows: list[Compared]) -> list[str]:
+    """One sentence over the table: what the ways of stopping lost and cost, against the baseline."""
+    base_lost, base_gap = baseline_of(rows)
+    others = [c for c in rows if c.name != "baseline"]
+    if base_lost is None or base_gap is None or not others:
+        return []
+    lost = sum(sum(c.lost) for c in others)
+    gaps = [g for c in others for g in c.gaps]
+    retrain = base_lost * STEP_S
+    return [
+        "",
+        f"Reading: the {len(others)} other ways lost {_n(lost, 'step')} in all against {base_lost:.1f} per "
+        f"SIGKILL on average; " + (f"their time without a step, {min(gaps):.1f}–{max(gaps):.1f} s, stands "
+                                  f"against the baseline's {base_gap:.1f} s, to which the baseline adds "
+                                  f"{base_lost:.1f} steps × {STEP_S} s ≈ {retrain:.0f} s of training again"
+                                  if gaps else "none was requeued") + ".",
+    ]
+
+
+def headline(results: list[SideResult], stops: list[StopResult]) -> list[dict[str, tp.Any]]:
+    """Rows for the headline table of ``python -m bench``: steps lost and the time until the first step
+    after the requeue for every way a run is stopped, and resume latency, each against the SIGKILL →
+    requeue side of this run."""
     by = {res.side.name: res for res in results}
     ours, base = by.get("ours"), by.get("baseline")
-    if ours is None or base is None:
+    if base is None:
         return []
+    rows = compared(results, stops)
+    base_lost, base_gap = baseline_of(rows)
+    more = []
+    for c in rows:
+        if c.name == "baseline":
+            continue
+        mean = statistics.mean(c.lost) if c.lost else None
+        if c.name == "cancelled":
+            kept = c.requeued.startswith("**no**: CANCELLED")
+            more.append(_row(f"steps lost by a {SHORT[c.name]}: after its last commit (SIGKILL → requeue: "
+                             "since its last periodic checkpoint)", [mean, base_lost], "0 lost, not requeued",
+                             None if mean is None else mean == 0 and kept,
+                             ("not requeued" if kept else "REQUEUED") + f": {c.requeued.split(': ', 1)[-1]}",
+                             "steps"))
+            continue
+        if c.name != "ours":
+            more.append(_row(f"steps lost, {SHORT[c.name]} / SIGKILL → requeue", [mean, base_lost], "0 lost",
+                             None if mean is None else mean == 0,
+                             f"stop reason {c.reasons}; {mean if mean is not None else '–'} against "
+                             f"{_s(base_lost)} steps", "steps"))
+        gap = _med(c.gaps)
+        more.append(_row(f"stop → first step after the requeue, {SHORT[c.name]} / SIGKILL → requeue",
+                         [gap, base_gap], "–", None,
+                         f"last step → first step of the requeued run: {_s(gap)} s against {_s(base_gap)} s"))
+    if ours is None:
+        return more
     lost = [statistics.mean([p.lost for p in res.pre]) if res.pre else None for res in (ours, base)]
     first = [_med(res.to_first("resumed")) for res in (ours, base)]
     back = [[p.signal_to_back for p in res.pre if p.signal_to_back is not None] for res in (ours, base)]
     wall = [statistics.mean(b) if b else None for b in back]
 
-    def row(what: str, pair: list[float | None], aim: str, met: bool | None, note: str,
-            unit: str = "s") -> dict[str, tp.Any]:
-        a, b = pair
-        return {"bench": SECTION, "what": what, "ours_s": a, "base_s": b, "unit": unit,
-                "ratio": None if a is None or not b else a / b, "aim": aim, "met": met,
-                "device": "cpu (local SLURM cluster)", "note": note}
-
+    row = _row
     return [
         row("steps lost per preemption, mean (USR2 → save → requeue / SIGKILL → requeue)", lost, "0 lost",
             lost[0] == 0 if lost[0] is not None else None,
@@ -662,7 +966,16 @@ def headline(results: list[SideResult]) -> list[dict[str, tp.Any]]:
             f"{_s(first[0])} s against {_s(first[1])} s"),
         row("wall time lost per preemption (signal → back past the step reached)", wall, "–", None,
             f"{_s(wall[0])} s against {_s(wall[1])} s"),
+        *more,
     ]
+
+
+def _row(what: str, pair: list[float | None], aim: str, met: bool | None, note: str,
+         unit: str = "s") -> dict[str, tp.Any]:
+    a, b = pair
+    return {"bench": SECTION, "what": what, "ours_s": a, "base_s": b, "unit": unit,
+            "ratio": None if a is None or not b else a / b, "aim": aim, "met": met,
+            "device": "cpu (local SLURM cluster)", "note": note}
 
 
 def _diff(later: float | None, earlier: float | None, digits: int = 1) -> str:
@@ -832,38 +1145,80 @@ def reading(results: list[SideResult]) -> list[str]:
     return out
 
 
+STOPS_WHAT = """\
+## Every way a run is stopped
+
+Six jobs of the same config, at the same time on the local cluster (each with its own CPU; every step
+paced to {step_s} s by `tests.slurm.paced.PacedUNet`, so all train at the same pace; each job's figures
+are its own). *ours* and *baseline* are those above. The other four go through `slurm/train.sbatch`
+(`--cfg configs/radio_tiny.yaml` with the same overrides), each stopped once:
+
+- **time limit with the signal**: `--time={limit}` and `--signal=B:USR1@{lead}`, with
+  `slurm.stop_margin_s=null` so that the signal alone stops it; the template passes USR1 on to the trainer.
+- **time limit, clock only**: `--time={limit}` and the template with its `#SBATCH --signal` line taken out
+  (`template_without_signal` of `tests/slurm/test_clock_stop.py`): no signal comes; the job's own clock
+  (`slurm.stop_margin_s`, 60 s by default) stops it.
+- **preemption**: `-p preemptible --gres=slot:1` (GraceTime 60 s); once it has trained {later} steps past
+  the first drawn step (and the same fraction of a step as the others: not at the moment the other
+  jobs stop and start up again at that step), a job `-p urgent --gres=slot:1 --nodelist=<its node>`
+  can start only by preempting it: Slurm sends SIGTERM to its step.
+- **cancel**: at the first drawn step (and fraction), `scancel --batch --signal=USR1 <job>`, then
+  `scancel <job>`. The job must stay cancelled: it is read back {would} s after it ended.
+
+**Steps lost** = the last step the stopped run trained − the step the requeued run resumed from (the
+cancelled job: − its newest committed checkpoint). **Last step → first step after the requeue** = the
+stopped run's last `metrics.jsonl` line → the requeued run's first one: the time no step was trained
+(the save, the requeue, Slurm's restart, the start-up). For the baseline the same span runs from its
+last step before the SIGKILL; its lost steps are then trained again on top of it. The ratios divide by
+the baseline of this same invocation.
+"""
+
+
 def write_results(path: Path, results: list[SideResult], args: argparse.Namespace,
-                  meta: dict[str, tp.Any]) -> None:
+                  meta: dict[str, tp.Any], stops: list[StopResult]) -> None:
     import torch
 
+    rows = compared(results, stops)
+    sides = [r.side for r in results] + [st.side for st in stops]
     head = [
-        "# Requeue benchmark: steps lost per preemption, time to the first step after a requeue",
+        "# Requeue benchmark: steps lost per stop, time to the first step after a requeue",
         "",
-        "Generated by `bench/bench_requeue.py`; this section is replaced on every run. Both sides ran in",
-        "the same invocation on the local SLURM cluster (`slurm/local_cluster.sh`), one after the other,",
-        "with the same config and the same seeded preemption steps.",
+        "Generated by `bench/bench_requeue.py`; this section is replaced on every run. Every job ran in",
+        "the same invocation on the local SLURM cluster (`slurm/local_cluster.sh`), all at the same time,",
+        "with the same config; ours and the baseline with the same seeded preemption steps.",
         "",
         f"- date: {dt.datetime.now().astimezone().isoformat(timespec='seconds')}",
         f"- machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} CPU cores; cluster: "
         f"{meta['nodes']} (nodes are network namespaces of this one machine, sharing its cores and disk)",
         f"- 1-minute load average: {args.load_before:.2f} at the start (after waiting {meta['waited']:.0f} s "
         "for an empty queue), "
-        + ", ".join(f"{r.side.load_after:.2f} after {r.side.name}" for r in results)
-        + " (the job uses one core of two; above ~1.5 something else competed)",
-        "- other jobs seen in the queue during the timed part: "
-        + ("; ".join(f"while {r.side.name} ran: " + ", ".join(
-            f"job {j} ({'/'.join(sorted(st))})" for j, st in sorted(r.side.other_jobs.items()))
-            for r in results if r.side.other_jobs) or "none"),
+        + ", ".join(f"{side.load_after:.2f} when {side.name} was done" for side in sides)
+        + " (six jobs share the two cores: paced steps keep their pace, start-ups compete)",
+        "- other jobs (not this bench's) seen in the queue during the timed part: "
+        + ("; ".join(f"while {side.name} ran: " + ", ".join(
+            f"job {j} ({'/'.join(sorted(st))})" for j, st in sorted(side.other_jobs.items()))
+            for side in sides if side.other_jobs) or "none"),
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, submitit "
         f"{meta['submitit']}, {meta['slurm']}",
         f"- command: `python {' '.join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])}` ({args.preemptions} "
         f"preemptions per side at steps {results[0].side.targets if results else []}, seed {args.seed}, "
         f"`trainer.train_num_steps={args.steps}`; whole run {meta['total_s']:.0f} s)",
-        "- jobs: " + ", ".join(f"{r.side.name} {r.side.job}" for r in results)
+        "- jobs: " + ", ".join(f"{side.name} {side.job}" for side in sides)
         + "; requeue ledgers (`requeues.json`): "
         + ", ".join(f"{r.side.name} {json.dumps(r.extra['ledger'])}" for r in results),
         "- aim (from the issue): 0 steps lost per preemption when the lead time covers one step plus one "
-        "save",
+        "save; every stop fits its window; a cancel stays cancelled",
+        "",
+        "## Steps lost and time to the first step after the requeue, every way a run is stopped",
+        "",
+        "Steps lost: each stop's, then their mean against the SIGKILL → requeue baseline's. Seconds: the "
+        "median over stops, min–max in brackets.",
+        "",
+        *compared_rows(rows),
+        "",
+        *[f"- {st.side.name} (job {st.side.job}): the template's own line: `stopped ({st.verdict}`"
+          for st in stops],
+        *stops_reading(rows),
         "",
         "## Summary",
         "",
@@ -878,6 +1233,8 @@ def write_results(path: Path, results: list[SideResult], args: argparse.Namespac
     what = WHAT.format(overrides=" ".join(shown), gap=GAP_MIN, every=EVERY, quiet=QUIET_S)
     body = [
         what,
+        STOPS_WHAT.format(step_s=STEP_S, limit=LIMIT_MIN, lead=LEAD_S, would=REQUEUE_WOULD_SHOW_S,
+                          later=PREEMPT_LATER),
         "## Per preemption",
         "",
         "Seconds. The signal is the bench's `scancel --signal=USR2` (ours) or `SIGKILL` (baseline); "
@@ -918,8 +1275,8 @@ def main(argv: list[str] | None = None) -> None:
                              f"every preemption ({GAP_MIN}–{GAP_MIN + EVERY - 1} steps apart) and {AFTER} "
                              "steps after the last one; the jobs are ended there, not run to the end")
     parser.add_argument("--seed", type=int, default=0, help="seed of the preemption steps (default 0)")
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
-                        help="which sides to run, in this order (default: ours baseline)")
+    parser.add_argument("--sides", nargs="+", choices=SIDES + STOPS, default=list(SIDES + STOPS),
+                        help="which jobs to run, all at once (default: all six)")
     parser.add_argument("--idle-timeout", type=float, default=900,
                         help="longest wait for other jobs to leave the queue, in seconds (default 900)")
     parser.add_argument("--cache-dir", default=None,
@@ -961,13 +1318,30 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(CONFIG, overrides(root / "check", ae, args.steps, args.cache_dir))
     write_untrained_first_stage(cfg)
     sides = [Side(name, root / name) for name in args.sides]
+    errors: list[BaseException] = []
+
+    def drive(side: Side) -> None:
+        try:
+            if side.template:
+                later = PREEMPT_LATER if side.name == "preempted" else 0
+                run_stop(side, args, env, ae, targets[0] + later, offsets[0])
+            else:
+                run_side(side, args, env, ae, targets, offsets)
+            side.load_after = os.getloadavg()[0]
+        except BaseException as exc:  # noqa: BLE001 - raised in the main thread below
+            errors.append(exc)
+
     failed = True
     try:
-        for side in sides:
-            if side is not sides[0]:
-                wait_idle(env, args.idle_timeout)
-            run_side(side, args, env, ae, targets, offsets)
-            side.load_after = os.getloadavg()[0]
+        # All at once: the template's quick sbatch submissions first, then the two `submit`s (torch imports).
+        threads = [threading.Thread(target=drive, args=(side,), name=side.name, daemon=True)
+                   for side in sorted(sides, key=lambda side: not side.template)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
         failed = False
     finally:
         for side in sides:
@@ -977,14 +1351,15 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{side.name}: could not end job {side.job}: {exc!r}", file=sys.stderr)
         if failed or args.keep:
             print(f"job folders kept in {root}", file=sys.stderr)
-    results = [SideResult(side, *analyse(side)) for side in sides]
+    results = [SideResult(side, *analyse(side)) for side in sides if not side.template]
+    stops = [analyse_stop(side) for side in sides if side.template]
     meta = {
         "nodes": nodes, "waited": waited, "submitit": submitit.__version__,
         "slurm": run(["scontrol", "--version"], env).strip(), "total_s": time.perf_counter() - start,
     }
-    write_results(args.out, results, args, meta)
+    write_results(args.out, results, args, meta, stops)
     if args.summary:
-        args.summary.write_text(json.dumps(headline(results), indent=1))
+        args.summary.write_text(json.dumps(headline(results, stops), indent=1))
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     for res in results:
@@ -993,6 +1368,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{res.side.name}: steps lost {lost} (total {sum(lost)}); process start → first step fresh "
               f"{_spread(res.to_first('fresh'))} s, resumed {_spread(res.to_first('resumed'))} s"
               + ("" if ratio is None else f" ({ratio:.2f}x)"))
+    for st in stops:
+        print(f"{st.side.name}: stop reason {st.reason}, steps lost {st.lost}, last step → first step after "
+              f"the requeue {_s(st.gap)} s, {st.state} after {st.restarts} restart(s)")
     print(f"wrote the {SECTION} section of {args.out} ({meta['total_s']:.0f} s)")
 
 
