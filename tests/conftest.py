@@ -130,3 +130,14 @@ def golden(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Golde
     trainer = train_golden(results, synth_cache)
     assert (results / "config.yaml").is_file()
     return Golden(results, copy.deepcopy(trainer.state_dict()))
+
+
+@pytest.fixture
+def installed_stop_flag() -> tp.Iterator[None]:
+    """The process-wide stop flag's handlers installed for the test, uninstalled and cleared after it."""
+    from radiodiff_resume.slurm.signals import STOP
+
+    STOP.install()
+    yield
+    STOP.uninstall()
+    STOP.clear()

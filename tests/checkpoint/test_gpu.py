@@ -17,7 +17,7 @@ from radiodiff_resume.config import Config
 from radiodiff_resume.run import build_ldm_trainer, make_accelerator
 from radiodiff_resume.trainer.ldm import LatentDiffusionTrainer
 from tests.checkpoint.helpers import FAST, STEP2, STEP4, read_component
-from tests.guard.test_syncs import SyncCounter, steps_with_real_batches
+from tests.guard.test_syncs import guarded_steps_syncs, steps_with_real_batches
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on one)")
@@ -87,12 +87,7 @@ def test_deterministic_resume_is_bit_exact(make_cfg: tp.Callable[..., Config]) -
 
 def test_a_guarded_step_on_cuda_reads_the_device_exactly_once(make_cfg: tp.Callable[..., Config]) -> None:
     trainer = on_gpu(make_cfg(*FAST))
-    trainer.model.train()
     steps = 6
-    steps_with_real_batches(trainer, steps)
-    stepped = 0
-    with SyncCounter() as syncs:
-        for _ in range(steps):
-            stepped += trainer.train_step().stepped
+    stepped, where = guarded_steps_syncs(trainer, steps)
     assert stepped == steps
-    assert len(syncs.where) == steps, "\n".join(syncs.where)
+    assert len(where) == steps, "\n".join(where)

@@ -60,6 +60,17 @@ def steps_with_real_batches(trainer: Trainer, steps: int) -> None:
     trainer.train_stream = iter([next(trainer.train_stream) for _ in range(steps * per_step)])  # type: ignore[assignment]
 
 
+def guarded_steps_syncs(trainer: Trainer, steps: int) -> tuple[int, list[str]]:
+    """``steps`` training steps on real batches: how many were taken, and where each host sync was."""
+    trainer.model.train()
+    steps_with_real_batches(trainer, steps)
+    stepped = 0
+    with SyncCounter() as syncs:
+        for _ in range(steps):
+            stepped += trainer.train_step().stepped
+    return stepped, syncs.where
+
+
 @pytest.mark.parametrize("overrides, scaler", [
     ((), False),
     (("trainer.gradient_accumulate_every=2",), False),
@@ -72,16 +83,11 @@ def test_a_guarded_step_reads_the_device_exactly_once(
     cfg = make_cfg(*FAST, *overrides)
     write_random_first_stage(cfg)
     trainer = build_ldm_trainer(cfg, accelerator_with_scaler() if scaler else Accelerator(cpu=True))
-    trainer.model.train()
     steps = 6
-    steps_with_real_batches(trainer, steps)
-    stepped = 0
-    with SyncCounter() as syncs:
-        for _ in range(steps):
-            stepped += trainer.train_step().stepped
+    stepped, where = guarded_steps_syncs(trainer, steps)
     assert stepped == steps, "a clean run: every step taken"
-    assert len(syncs.where) == steps, "\n".join(syncs.where)
-    assert all("guard/policy.py" in w for w in syncs.where), syncs.where
+    assert len(where) == steps, "\n".join(where)
+    assert all("guard/policy.py" in w for w in where), where
 
 
 def test_the_counter_sees_a_read() -> None:

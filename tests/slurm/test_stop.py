@@ -34,12 +34,7 @@ JOB = ("model.first_stage.train_if_missing=true", "model.first_stage.trainer.tra
        "trainer.save_and_sample_every=3", "checkpoint.keep_last=2")
 
 
-@pytest.fixture(autouse=True)
-def stop_flag() -> tp.Iterator[None]:
-    STOP.install()
-    yield
-    STOP.uninstall()
-    STOP.clear()
+pytestmark = pytest.mark.usefixtures("installed_stop_flag")
 
 
 def signal_once(sig: int = signal.SIGUSR1) -> tp.Callable[[], None]:

@@ -30,15 +30,8 @@ from radiodiff_resume.slurm.budget import (
     job_end_time,
     parse_end_time,
 )
-from radiodiff_resume.slurm.signals import STOP
 
-
-@pytest.fixture(autouse=True)
-def stop_flag() -> tp.Iterator[None]:
-    STOP.install()
-    yield
-    STOP.uninstall()
-    STOP.clear()
+pytestmark = pytest.mark.usefixtures("installed_stop_flag")
 
 
 # ----- the end time
