@@ -34,6 +34,7 @@ from radiodiff_resume.io import write_text_atomic
 from radiodiff_resume.lock import LockHeld, RunLock
 from radiodiff_resume.models.autoencoder import AutoencoderWithLoss
 from radiodiff_resume.trainer import AutoencoderTrainer, LatentDiffusionTrainer
+from radiodiff_resume.trainer.trackers import init_kwargs as tracker_init_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,8 @@ def build_ldm_trainer(cfg: Config, accelerator: Accelerator) -> LatentDiffusionT
         accelerator.mixed_precision,
     )
     if cfg.trainer.log_with:
-        accelerator.init_trackers("radiodiff_resume", config={"config_hash": config_hash(cfg)})
+        accelerator.init_trackers("radiodiff_resume", config={"config_hash": config_hash(cfg)},
+                                  init_kwargs=tracker_init_kwargs(accelerator, cfg.trainer.log_with))
     train_set, val_set = load_data(cfg, accelerator)
     first_stage = ready_first_stage(cfg, accelerator, train_set, val_set)
     return ldm_trainer(cfg, accelerator, first_stage, train_set, val_set)
