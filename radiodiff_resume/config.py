@@ -329,6 +329,10 @@ class CheckpointConfig:
     crash_loop_progress_steps: int = 10
     """Optimizer steps past the resumed checkpoint after which a run has made progress: a later
     death (or one after a stop signal was seen) is not counted against that checkpoint."""
+    async_save: bool = True
+    """Write a checkpoint in a background thread: training waits only for a host copy of the state
+    (false: training waits until the checkpoint is committed). A stop and the end of training still
+    wait for the commit."""
 
 
 @dataclass

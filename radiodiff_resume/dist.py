@@ -7,6 +7,7 @@ group times out. These helpers travel over a gloo group, so they never sync a GP
 
 from __future__ import annotations
 
+import copy
 import typing as tp
 
 import torch
@@ -20,6 +21,19 @@ class Ranks:
         self.rank = accelerator.process_index
         self.world = accelerator.num_processes
         self.group = _cpu_group() if self.world > 1 else None
+        self._background: Ranks | None = None
+
+    def background(self) -> Ranks:
+        """The same ranks over a gloo group of their own, for the checkpoint writer thread: collectives
+        of two threads on one group could reach the ranks in different orders and deadlock. Made once,
+        on first use, which every rank must reach at the same point (``new_group`` is collective)."""
+        if self._background is None:
+            other = copy.copy(self)
+            if self.world > 1:
+                other.group = torch.distributed.new_group(backend="gloo")
+            other._background = other
+            self._background = other
+        return self._background
 
     @property
     def is_main(self) -> bool:

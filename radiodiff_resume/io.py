@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import stat
+import threading
 import typing as tp
 from pathlib import Path
 
@@ -93,9 +94,18 @@ def read_regular(path: Path, limit: int = MAX_DOCUMENT_BYTES) -> bytes:
     return data
 
 
+_APPENDING = threading.Lock()
+"""The training thread and a checkpoint writer thread both append to the event log: one line at a time."""
+
+
 def append_line(path: Path, line: str) -> None:
     """Append ``line`` (newline included) to the regular file ``path``, creating it if missing. After
     a torn last line (a process killed mid-write) it starts a new line, so only that line is lost."""
+    with _APPENDING:
+        _append(path, line)
+
+
+def _append(path: Path, line: str) -> None:
     fd = open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
         size = os.fstat(fd).st_size

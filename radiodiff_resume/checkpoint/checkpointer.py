@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from radiodiff_resume.checkpoint.actions import Act, Actions, Record
+from radiodiff_resume.checkpoint.background import HostBuffers, Writer
 from radiodiff_resume.checkpoint.environment import differences, fingerprint, library_versions
 from radiodiff_resume.checkpoint.files import (
     CheckpointCorrupt,
@@ -37,10 +39,11 @@ from radiodiff_resume.checkpoint.manifest import (
     parse_step,
     probe_from,
     record_of,
+    step_dirname,
 )
 from radiodiff_resume.checkpoint.protocol import Checkpointable
 from radiodiff_resume.checkpoint.restarts import RestartLedger, batch_job
-from radiodiff_resume.checkpoint.store import CRASH_LOOP, REASON_SUFFIX, CheckpointStore, rank_component
+from radiodiff_resume.checkpoint.store import REASON_SUFFIX, CheckpointStore, rank_component
 from radiodiff_resume.checkpoint.verify import (
     CONFIG_FILE,
     Checkpoint,
@@ -78,17 +81,30 @@ class Checkpointer:
         self.resumed_from: Path | None = None
         self.verified: Report | None = None
         self.read_only = read_only
-        """Resume as usual but move, delete and count nothing: what would have been done is listed in
-        ``would``, and the reports of checkpoints found damaged or refused in ``rejected`` (rank 0;
-        the dry-run)."""
-        self.would: list[str] = []
+        """Resume as usual but move, delete and count nothing (the dry-run): ``actions`` records instead,
+        listing what would have been done in ``would``, and the reports of checkpoints found damaged or
+        refused in ``rejected`` (rank 0)."""
+        self.actions: Actions = (Record(self.store) if read_only else
+                                 Act(self.store, self.restarts, events, trainer.stage))
         self.branch: str | None = None
         """The line of a run resumed from a checkpoint named by ``checkpoint.resume`` (rank 0)."""
-        self.rejected: list[Report] = []
+        self._writer = Writer()
+        self._writing: int | None = None
+        """The step the writer thread is committing (None: no background save under way)."""
+        self._shared_buffers = HostBuffers()
+        self._rank_buffers = HostBuffers()
 
     @property
     def line(self) -> str | None:
         return self.store.line
+
+    @property
+    def would(self) -> list[str]:
+        return self.actions.would
+
+    @property
+    def rejected(self) -> list[Report]:
+        return self.actions.rejected
 
     @functools.cached_property
     def crash_limit(self) -> int | None:
@@ -123,9 +139,22 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.trainer.loop.train_num_steps
 
-    def save(self, provenance: tp.Sequence[str] = ()) -> Path:
+    def save(self, provenance: tp.Sequence[str] = (), background: bool = False,
+             done: tp.Callable[[], None] = lambda: None) -> Path:
         """Commit a checkpoint of the current step on every rank, or refuse poisoned state (all ranks).
-        ``provenance`` says how the state came to be, when not by training alone (an import)."""
+        ``provenance`` says how the state came to be, when not by training alone (an import); ``done``
+        is called once it is committed (in the writer thread for a background save).
+
+        ``background``: return once the state is copied into host buffers; a writer thread commits it
+        (:meth:`settle` waits for that and raises its error; :attr:`failed` says it failed). Its
+        non-finite check then runs in the writer, on the snapshot: that is exactly what is written,
+        and scanning every tensor on the training thread would block it about as long as the copy.
+        The probe forward stays on the training thread: it needs a module at the saved weights, and
+        in the writer that would be a second copy of the model on the training device, which must
+        compute bit for bit what the resumed module computes. A non-finite probe is refused at once,
+        naming the non-finite tensors when there are any.
+        """
+        self.settle()
         t = self.trainer
         step = t.state.step
         t.sync_buffers()
@@ -134,39 +163,100 @@ class Checkpointer:
             self.store.line = uuid.uuid4().hex
         manifest, probe_inputs, refusal = None, None, None
         if self.ranks.is_main:
-            refusal = self._refusal_to_save(shared)
+            refusal = None if background else self._refusal_to_save(step, shared)
             if refusal is None:
                 probe_inputs = t.probe_inputs()
                 manifest, refusal = self._manifest(step, probe_inputs, provenance)
+                if refusal is not None and background:
+                    refusal = self._refusal_to_save(step, shared) or refusal
         refusal = self.ranks.broadcast(refusal)
         if refusal is not None:
             raise HaltError(refusal)
+        if not background:
+            path = self.store.save(step, self._shared_files({**shared, "probe": probe_inputs}),
+                                   self._own_files(t.rank_state_dict()), manifest)
+            self._committed(step, path)
+            done()
+            self.ended_cleanly()  # progress: no checkpoint is suspect any more
+            return path
+        ranks = self.ranks.background()
+        trees = {**shared, "probe": probe_inputs}
+        shared_copy = self._shared_buffers.snapshot(trees) if ranks.is_main else {}
+        own_copy = self._rank_buffers.snapshot(t.rank_state_dict())
 
-        def shared_files(folder: Path) -> dict[str, FileRecord]:
-            config = t.config_yaml.encode()
+        def commit() -> None:
+            self._shared_buffers.ready()
+            self._rank_buffers.ready()
+            refusal = self._refusal_to_save(step, shared_copy) if ranks.is_main else None
+            refusal = ranks.broadcast(refusal)
+            if refusal is not None:
+                raise HaltError(refusal)
+            path = self.store.save(step, self._shared_files(shared_copy), self._own_files(own_copy), manifest,
+                                   ranks)
+            self._committed(step, path)
+            done()
+
+        self._writer.start(commit, name=f"checkpoint-writer-{t.stage}-{step}")
+        self._writing = step
+        self.last_saved_step = step
+        return self.store.folder / step_dirname(step)
+
+    @property
+    def failed(self) -> bool:
+        """The background commit failed on some rank (a host flag: no sync). Every rank's writer learns
+        it in the same commit phase, and the per-step stop agreement turns it into a stop."""
+        return self._writer.failed
+
+    def settle(self) -> None:
+        """Wait for the background commit, if one is under way, and raise its error (the same on every
+        rank: the writers agree on each phase). Called before the next save, a resume or rollback, a
+        stop and at the end of training."""
+        if self._writing is None:
+            return
+        step, self._writing = self._writing, None
+        try:
+            self._writer.wait()
+        except UserError:
+            self.last_saved_step = None
+            self.events.emit("save_failed", stage=self.trainer.stage, step=step,
+                             noticed_at=self.trainer.state.step)
+            raise
+        self.ended_cleanly()  # progress: no checkpoint is suspect any more
+
+    def settle_quietly(self) -> None:
+        """On an error exit: let a background commit under way finish before the error goes on (and the
+        run lock is released); a checkpoint it commits is good. Its own failure is logged, not raised
+        over the error already on its way."""
+        try:
+            self.settle()
+        except UserError as exc:
+            logger.error("%s: the background save also failed: %s", self.trainer.stage, exc)
+
+    def _shared_files(self, trees: dict[str, tp.Any]) -> tp.Callable[[Path], dict[str, FileRecord]]:
+        config = self.trainer.config_yaml.encode()
+
+        def write(folder: Path) -> dict[str, FileRecord]:
             write_durable(folder / CONFIG_FILE, config)
-            trees = {**shared, "probe": probe_inputs}
             return {CONFIG_FILE: record_of(config), **write_components(folder, trees)}
 
-        def own_files(folder: Path) -> dict[str, FileRecord]:
-            return write_component(folder, rank_component(self.ranks.rank), t.rank_state_dict())
+        return write
 
-        path = self.store.save(step, shared_files, own_files, manifest)
+    def _own_files(self, tree: dict[str, tp.Any]) -> tp.Callable[[Path], dict[str, FileRecord]]:
+        return lambda folder: write_component(folder, rank_component(self.ranks.rank), tree)
+
+    def _committed(self, step: int, path: Path) -> None:
         self.last_saved_step = step
-        self.ended_cleanly()  # progress: no checkpoint is suspect any more
-        self.events.emit("checkpoint_saved", stage=t.stage, step=step, path=str(path))
-        logger.info("%s step %d: checkpoint committed to %s", t.stage, step, path)
-        return path
+        self.events.emit("checkpoint_saved", stage=self.trainer.stage, step=step, path=str(path))
+        logger.info("%s step %d: checkpoint committed to %s", self.trainer.stage, step, path)
 
     def ended_cleanly(self) -> None:
         """Progress, a commit, a stop or the end of training: clear the crash-loop counts (rank 0)."""
         self.counted_from = None
         if self.ranks.is_main:
-            self.restarts.clear()
+            self.actions.clear_counts()
 
-    def _refusal_to_save(self, shared: dict[str, tp.Any]) -> str | None:
+    def _refusal_to_save(self, step: int, shared: dict[str, tp.Any]) -> str | None:
         t = self.trainer
-        step = t.state.step
         bad = nonfinite_names({k: shared[k] for k in ("model", "ema", "optimizer") if k in shared})
         if not bad:
             return None
@@ -210,6 +300,7 @@ class Checkpointer:
         """Restore the newest verified checkpoint (or the one named; ``mode`` overrides
         ``checkpoint.resume``; ``older_than``: only checkpoints of a lower step); None when starting
         fresh. A ``rollback`` within a live run is not a restart: the crash-loop counts leave it alone."""
+        self.settle()
         t = self.trainer
         chosen, failure, message = None, None, None
         self.branch = None
@@ -287,23 +378,9 @@ class Checkpointer:
 
     def _choose(self, mode: str, count: bool = True, older_than: int | None = None) -> Checkpoint | None:
         t = self.trainer
-        if self.read_only:
-            self.would += [self._leftover_action(name) for name in self.store.leftovers()]
-        leftovers = [] if self.read_only else self.store.remove_leftovers()
-        if leftovers:
-            logger.info("%s: removed unfinished save(s) %s (the process died mid-save)", t.stage,
-                        ", ".join(leftovers))
-            self.events.emit("staging_removed", stage=t.stage, folders=leftovers)
+        self.actions.remove_leftovers()
         if mode == "never":
-            if self.store.candidates() and self.read_only:
-                self.would.append(f"set aside {len(self.store.candidates())} checkpoint(s) "
-                                  "(checkpoint.resume=never)")
-            elif self.store.candidates():
-                moved = self.store.set_aside(self.store.candidates(),
-                                             "checkpoint.resume=never: a deliberate fresh start")
-                logger.warning("%s: checkpoint.resume=never: the previous run's checkpoints were moved to "
-                               "%s, starting fresh", t.stage, moved)
-                self.events.emit("checkpoints_set_aside", stage=t.stage, to=str(moved))
+            self.actions.set_aside_all(self.store.candidates())
             self.events.emit("fresh_start", stage=t.stage, reason="checkpoint.resume=never")
             return None
         if mode != "auto":
@@ -341,38 +418,20 @@ class Checkpointer:
         for path in candidates:
             report = self.verify_and_load(path)
             if report.ok:
-                if count and self.crash_limit is not None and not self.read_only:
-                    runs = self.restarts.started(path.name)
-                    self.counted_from = parse_step(path.name)
-                    if runs > 1:
-                        logger.warning("%s: run %d in a row resuming from %s (set aside after %d)",
-                                       t.stage, runs, path.name, self.crash_limit)
+                if count and self.crash_limit is not None:
+                    self.counted_from = self.actions.count_restart(path.name, self.crash_limit)
                 return self._accept(report)
             if not report.damaged:
                 raise self._refusal(report, "checkpoint.resume=auto")
             rejected.append(f"{path.name}: {tp.cast(tp.Any, report.failure).name}")
-            if self.read_only:
-                self.rejected.append(report)
-                self.would.append(f"quarantine {path.name} ({tp.cast(tp.Any, report.failure).name} failed)")
-                continue
-            reason = report.describe()
-            moved = self.store.quarantine(path, reason)
-            self.events.emit("checkpoint_quarantined", stage=t.stage, path=str(path), to=str(moved),
-                             reason=reason)
-            logger.warning("%s: checkpoint damaged, moved to %s\n%s", t.stage, moved, reason)
+            self.actions.quarantine(report)
         raise UserError(
             f"{t.stage}: checkpoints exist in {self.store.folder} but none verifies "
-            f"({'; '.join(rejected)}); they {'would be' if self.read_only else 'were'} moved to "
+            f"({'; '.join(rejected)}); they {self.actions.moved} moved to "
             f"{self.store.folder / 'quarantine'} with "
             f"their reasons (*{REASON_SUFFIX}). Refusing to start from scratch: repair one and pass "
             "checkpoint.resume=<its folder>, or pass checkpoint.resume=never to start fresh deliberately."
         )
-
-    def _leftover_action(self, name: str) -> str:
-        original = name.removeprefix(".replaced-")
-        if name != original and not (self.store.folder / original).exists():
-            return f"put {name} back as {original} (not verified here: a dry-run moves nothing)"
-        return f"remove {name}, left by a process that died mid-save"
 
     def _past_crash_loops(self, candidates: list[Path]) -> list[Path]:
         """``candidates`` less those runs kept dying from: each is set aside, unchanged, with its reason."""
@@ -387,13 +446,7 @@ class Checkpointer:
             reason = (f"crash loop: {runs} runs in a row resumed from {path.name} and died before their next "
                       f"save (checkpoint.crash_loop_restarts={self.crash_limit}); the checkpoint itself "
                       "verified. Pass checkpoint.resume=<this folder>/" + path.name + " to try it again.")
-            if self.read_only:
-                self.would.append(f"set aside {path.name}: {reason}")
-                continue
-            moved = self.store.set_aside([path], reason, prefix=CRASH_LOOP)
-            self.events.emit("checkpoint_set_aside", stage=self.trainer.stage, path=str(path), to=str(moved),
-                             reason=reason)
-            logger.error("%s: %s set aside to %s: %s", self.trainer.stage, path.name, moved, reason)
+            self.actions.set_aside_crash_loop(path, reason)
         return kept
 
     def _choose_named(self, path: Path, mode: str, count: bool) -> Checkpoint:
@@ -425,17 +478,7 @@ class Checkpointer:
         chosen, step, line = path.resolve(), ckpt.manifest.step, ckpt.manifest.line
         others = [p for p in self.store.candidates() if p.resolve() != chosen and (
             tp.cast(int, parse_step(p.name)) >= step or self.store.line_of(p) not in (None, line))]
-        if others and self.read_only:
-            self.would.append(f"set aside {', '.join(p.name for p in others)} (newer than {path.name}, or "
-                              "of another line)")
-        elif others:
-            names = ", ".join(p.name for p in others)
-            moved = self.store.set_aside(others, f"checkpoint.resume={path} (step {step}): these "
-                                                 "checkpoints are newer or of another line, so the resumed "
-                                                 "run would mix with them")
-            logger.warning("%s: resuming from %s (step %d): %s set aside, unchanged, in %s (nothing deleted)",
-                           self.trainer.stage, path, step, names, moved)
-            self.events.emit("checkpoints_set_aside", stage=self.trainer.stage, to=str(moved), folders=names)
+        self.actions.set_aside_others(others, path, step)
         self.branch = branch
         return ckpt
 
@@ -475,8 +518,7 @@ class Checkpointer:
         }.get(failure.name, "")
         self.events.emit("resume_refused", stage=t.stage, path=str(report.path), level=failure.name,
                          reason=report.describe())
-        if self.read_only:
-            self.rejected.append(report)
+        self.actions.refused(report)
         return UserError(
             f"{t.stage}: {how}: {report.path} is intact but cannot be resumed as configured (nothing was "
             f"moved):\n{report.describe()}\n{advice}".rstrip()

@@ -164,10 +164,13 @@ def listing_problems(folder: Path, manifest: Manifest) -> list[str]:
 def read_files(
     folder: Path, records: tp.Mapping[str, FileRecord], names: tp.Iterable[str]
 ) -> dict[str, Blob]:
-    """Read each named file once and check it against its record (threads: hashing releases the GIL)."""
+    """Read each named file once and check it against its record (threads: hashing releases the GIL;
+    the largest files start first, so that no thread is left alone with a big one at the end)."""
     names = list(names)
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(names) or 1)) as pool:
-        results = list(pool.map(lambda n: _read_checked(folder / n, records[n]), names))
+        started = {n: pool.submit(_read_checked, folder / n, records[n])
+                   for n in sorted(names, key=lambda n: -records[n].bytes)}
+        results = [started[n].result() for n in names]
     problems = [problem for _, problem in results if problem]
     if problems:
         raise CheckpointCorrupt("; ".join(problems))
@@ -216,12 +219,12 @@ def read_safetensors(data: Blob) -> dict[str, torch.Tensor]:
     for name, info in header.items():
         dtype = DTYPES_BY_NAME.get(info.get("dtype")) if isinstance(info, dict) else None
         shape, offsets = (info.get("shape"), info.get("data_offsets")) if dtype else (None, None)
-        if not (isinstance(shape, list) and all(_is_count(d) for d in shape) and isinstance(offsets, list)
-                and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
+                and _are_counts(shape) and _are_counts(offsets)):
             raise ValueError(f"tensor '{name}': malformed entry")
         count = math.prod(shape)
         begin, end = offsets
-        if end - begin != count * torch.empty((), dtype=dtype).element_size() or start + end > len(data):
+        if end - begin != count * dtype.itemsize or start + end > len(data):
             raise ValueError(f"tensor '{name}': offsets do not match its shape and dtype")
         spans.append((begin, end))
         tensors[name] = (torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin).reshape(shape)
@@ -236,8 +239,9 @@ def read_safetensors(data: Blob) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _is_count(value: tp.Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+def _are_counts(values: list[tp.Any]) -> bool:
+    """Every value a non-negative int (JSON gives exact ``int`` or ``bool``; a bool is no count)."""
+    return all(type(v) is int and v >= 0 for v in values)
 
 
 def decode_component(blobs: tp.Mapping[str, Blob], name: str) -> tp.Any:
@@ -254,13 +258,10 @@ def decode_component(blobs: tp.Mapping[str, Blob], name: str) -> tp.Any:
 
 
 def _depth(tree: tp.Any) -> int:
-    """Nesting depth of a JSON tree, without recursion."""
-    deepest, stack = 0, [(tree, 1)]
-    while stack:
-        node, depth = stack.pop()
-        deepest = max(deepest, depth)
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
+    """Nesting depth of a JSON tree (a scalar is one level), without recursion: one level at a time."""
+    deepest, level = 1, [tree] if isinstance(tree, (dict, list)) else []
+    while level:
+        children = [c for node in level for c in (node.values() if isinstance(node, dict) else node)]
+        deepest += bool(children)
+        level = [c for c in children if isinstance(c, (dict, list))]
     return deepest

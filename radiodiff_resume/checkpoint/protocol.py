@@ -1,7 +1,8 @@
 """What the checkpointer needs from a trainer: state dicts, the probe, a few facts.
 
 A protocol rather than the ``Trainer`` class, so the checkpoint package does not import the
-trainer (which imports it) and any object with these members can be checkpointed.
+trainer (which imports it) and any object with these members can be checkpointed. The trainer
+answers from its parts (``trainer/parts.py``: the state dicts) and its probe (``trainer/probe.py``).
 """
 
 from __future__ import annotations

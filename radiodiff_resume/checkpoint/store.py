@@ -11,6 +11,9 @@ ranks learning whether any rank failed, so a failure never leaves another rank w
    ``step-*`` namespace first, then deleted, so a kill never leaves a half-deleted
    folder that looks like a checkpoint.
 
+A background save (:mod:`~radiodiff_resume.checkpoint.background`) runs the same phases in its
+writer thread, agreed over a gloo group of its own (:meth:`Ranks.background`).
+
 A crash at any point leaves either the complete new checkpoint or none, and the previous
 ones untouched; a failed write (disk full, EIO) removes the staging folder and stops every
 rank with the same message.
@@ -197,25 +200,29 @@ class CheckpointStore:
         shared: tp.Callable[[Path], dict[str, FileRecord]],
         own: tp.Callable[[Path], dict[str, FileRecord]],
         manifest: Manifest | None,
+        ranks: Ranks | None = None,
     ) -> Path:
         """Commit a checkpoint of ``step`` (every rank calls this).
 
         ``shared`` (rank 0 only) and ``own`` (each rank) write their files into the folder they are
         given and return the records; an error while serialising is caught and agreed like a
-        write error. ``manifest`` is used on rank 0 only.
+        write error. ``manifest`` is used on rank 0 only. ``ranks``: who agrees on each phase (the
+        writer thread passes :meth:`Ranks.background`); the store's own by default.
         """
+        ranks = ranks or self.ranks
         final = self.folder / step_dirname(step)
         staging = self.folder / f".staging-{step_dirname(step)}"
-        self._phase(step, staging, lambda: self._prepare(staging) if self.ranks.is_main else None)
-        gathered = self._phase(step, staging, lambda: own(staging))
-        if self.ranks.is_main:
+        self._phase(ranks, step, staging, lambda: self._prepare(staging) if ranks.is_main else None)
+        gathered = self._phase(ranks, step, staging, lambda: own(staging))
+        if ranks.is_main:
             assert manifest is not None
             rank_records: dict[str, FileRecord] = {k: v for records in gathered for k, v in records.items()}
-            self._phase(step, staging, lambda: self._commit(staging, final, shared, rank_records, manifest))
+            self._phase(ranks, step, staging,
+                        lambda: self._commit(staging, final, shared, rank_records, manifest))
             self._lines[final.name] = manifest.line
             self.apply_retention()
         else:
-            self._phase(step, staging, lambda: None)
+            self._phase(ranks, step, staging, lambda: None)
         return final
 
     def _prepare(self, staging: Path) -> None:
@@ -224,18 +231,18 @@ class CheckpointStore:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
 
-    def _phase(self, step: int, staging: Path, work: tp.Callable[[], tp.Any]) -> list[tp.Any]:
+    def _phase(self, ranks: Ranks, step: int, staging: Path, work: tp.Callable[[], tp.Any]) -> list[tp.Any]:
         """Run ``work`` on this rank; every rank learns whether any failed, and all stop together."""
         result, error, caught = None, None, None
         try:
             result = work()
         except Exception as exc:  # re-raised below on every rank, never swallowed
             caught, error = exc, f"{type(exc).__name__}: {exc}"
-        outcomes = self.ranks.gather((error, result))
+        outcomes = ranks.gather((error, result))
         failed = [f"rank {r}: {e}" for r, (e, _) in enumerate(outcomes) if e is not None]
         if not failed:
             return [r for _, r in outcomes]
-        if self.ranks.is_main:
+        if ranks.is_main:
             shutil.rmtree(staging, ignore_errors=True)
         if caught is not None and not isinstance(caught, (OSError, UserError)):
             raise caught  # a bug, not the environment: keep its traceback

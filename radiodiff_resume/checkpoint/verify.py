@@ -355,56 +355,60 @@ def check_keys(
 
 
 def floating_leaves(tree: tp.Any, prefix: str = "") -> tp.Iterator[tuple[str, torch.Tensor | float]]:
-    """``(path, value)`` for every floating tensor and every float in a nested state tree."""
-    if isinstance(tree, torch.Tensor):
-        if tree.is_floating_point():
-            yield prefix or "<tensor>", tree
-    elif isinstance(tree, float):
-        yield prefix or "<float>", tree
-    elif isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from floating_leaves(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(tree, (list, tuple)):
-        for i, v in enumerate(tree):
-            yield from floating_leaves(v, f"{prefix}.{i}" if prefix else str(i))
+    """``(path, value)`` for every floating tensor and every float in a nested state tree, in order
+    (a stack, not recursion: a state holds thousands of leaves)."""
+    stack: list[tuple[str, tp.Any]] = [(prefix, tree)]
+    while stack:
+        path, node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            if node.is_floating_point():
+                yield path or "<tensor>", node
+        elif isinstance(node, float):
+            yield path or "<float>", node
+        elif isinstance(node, (dict, list, tuple)):
+            items = node.items() if isinstance(node, dict) else enumerate(node)
+            stack.extend(reversed([(f"{path}.{k}" if path else str(k), v) for k, v in items]))
 
 
 def nonfinite_names(tree: tp.Any) -> list[str]:
-    """Paths of floating tensors (and plain floats) in ``tree`` holding NaN or Inf.
+    """Paths of floating tensors (and plain floats) in ``tree`` holding NaN or Inf (see :func:`scan`)."""
+    return scan(tree, negatives=False)[0]
 
-    Fast path: one fp32 sum per tensor (a non-finite element makes the sum non-finite),
-    stacked on each tensor's device and copied to the host once per device — one sync
-    for a whole GPU state, not one per tensor. Only tensors whose sum is not finite
-    (which includes finite tensors whose sum overflows) get the exact element-wise check.
+
+def scan(tree: tp.Any, negatives: bool = True) -> tuple[list[str], list[str]]:
+    """Paths of floating tensors (and plain floats) in ``tree`` holding NaN or Inf, and (``negatives``)
+    of the second moments and variances (:data:`NONNEGATIVE`) holding a negative value.
+
+    One pass over each tensor, copying nothing: its fp32 sum (a non-finite element makes the sum
+    non-finite), or for a :data:`NONNEGATIVE` one its minimum and maximum (NaN propagates into both,
+    and the minimum tells a negative entry). These are stacked on each tensor's device and copied to
+    the host once per device — one sync for a whole GPU state, not one per tensor. Only the suspects
+    get an exact element-wise check: tensors whose sum is not finite (a finite tensor whose sum
+    overflows included), and those whose minimum is NaN (a negative entry beside a NaN still counts).
     """
     leaves = list(floating_leaves(tree))
     named = [(k, v) for k, v in leaves if isinstance(v, torch.Tensor)]
+    ranged = [negatives and k.endswith(NONNEGATIVE) and v.numel() > 0 for k, v in named]
     by_device: dict[torch.device, list[int]] = {}
     for i, (_, t) in enumerate(named):
         by_device.setdefault(t.device, []).append(i)
-    suspects = []
+    suspects, negative = [], set()
     for indices in by_device.values():
-        sums = torch.stack([named[i][1].sum(dtype=torch.float32) for i in indices]).cpu()
-        suspects += [indices[j] for j in (~torch.isfinite(sums)).nonzero().flatten().tolist()]
+        summed = [i for i in indices if not ranged[i]]
+        spans = [i for i in indices if ranged[i]]
+        parts = [named[i][1].sum(dtype=torch.float32) for i in summed]
+        parts += [v.float() for i in spans for v in torch.aminmax(named[i][1].detach())]
+        values, n = torch.stack(parts).cpu(), len(summed)
+        sums, lows, highs = values[:n], values[n::2], values[n + 1::2]
+        suspects += [summed[j] for j in (~torch.isfinite(sums)).nonzero().flatten().tolist()]
+        unbounded = ~(torch.isfinite(lows) & torch.isfinite(highs))
+        suspects += [spans[j] for j in unbounded.nonzero().flatten().tolist()]
+        negative |= {spans[j] for j in (lows < 0).nonzero().flatten().tolist()}
+        negative |= {spans[j] for j in lows.isnan().nonzero().flatten().tolist()
+                     if bool((named[spans[j]][1] < 0).any())}
     bad = {named[i][0] for i in suspects if not bool(torch.isfinite(named[i][1]).all())}
     bad |= {k for k, v in leaves if isinstance(v, float) and not math.isfinite(v)}
-    return [k for k, _ in leaves if k in bad]
-
-
-def negative_names(tree: tp.Any) -> list[str]:
-    """Paths of the second moments and variances (:data:`NONNEGATIVE`) in ``tree`` holding a negative
-    value; one host copy per device (the minima are stacked), NaN entries are left to
-    :func:`nonfinite_names`."""
-    named = [(k, v) for k, v in floating_leaves(tree)
-             if isinstance(v, torch.Tensor) and k.endswith(NONNEGATIVE) and v.numel()]
-    by_device: dict[torch.device, list[int]] = {}
-    for i, (_, t) in enumerate(named):
-        by_device.setdefault(t.device, []).append(i)
-    bad = set()
-    for indices in by_device.values():
-        minima = torch.stack([named[i][1].detach().float().nan_to_num(0.0).min() for i in indices]).cpu()
-        bad |= {named[indices[j]][0] for j in (minima < 0).nonzero().flatten().tolist()}
-    return [k for k, _ in named if k in bad]
+    return [k for k, _ in leaves if k in bad], [named[i][0] for i in sorted(negative)]
 
 
 def defect(where: str, value: torch.Tensor | float) -> str | None:
@@ -425,7 +429,7 @@ def check_finite(report: Report, state: tp.Mapping[str, tp.Any]) -> bool:
     """Level 2; non-finite (or negative) running statistics are listed in ``report.repairable``
     instead."""
     checked = {k: state[k] for k in ("model", "ema", "optimizer", "probe", "guard") if k in state}
-    bad, negative = nonfinite_names(checked), negative_names(checked)
+    bad, negative = scan(checked)
     stats = [n for n in dict.fromkeys((*bad, *negative))
              if n.startswith("model.") and n.endswith(RUNNING_STATS)]
     problems = []

@@ -212,7 +212,7 @@ class Doctor:
             if (m := re.fullmatch(r"ema\.shadow_params\.(\d+)", f.where)) is not None:
                 i = int(m.group(1))
                 tp.cast(tp.Any, trainer.ema).shadow_params[i].copy_(trainer.params[i].detach())
-        repaired = trainer.guard.repair_norm_stats(trainer.unwrapped, trainer.calibration_forward, "doctor",
+        repaired = trainer.guard.repair_norm_stats(trainer.unwrapped, trainer.calibration.forward, "doctor",
                                                    trainer.state.step)
         batches = trainer.guard.cfg.norm_stats.recalibrate_batches
         for f in findings:

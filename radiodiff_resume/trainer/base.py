@@ -1,5 +1,7 @@
-"""The training loop. It reads top to bottom and holds no policy of its own:
-subclasses say what a loss, a prediction and a sample grid are.
+"""The training loop. It reads top to bottom and holds no policy of its own: subclasses say what a
+loss, a prediction and a sample grid are; the state it moves is a bundle of parts
+(:mod:`~radiodiff_resume.trainer.parts`), the probe, the rollback policy and the validation pass live
+in their own modules.
 """
 
 from __future__ import annotations
@@ -7,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import math
 import sys
 import time
 import typing as tp
@@ -15,35 +16,34 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from radiodiff_resume.checkpoint.checkpointer import Checkpointer
-from radiodiff_resume.checkpoint.manifest import Manifest, parse_step
+from radiodiff_resume.checkpoint.manifest import Manifest
 from radiodiff_resume.config import CheckpointConfig, Config, GuardConfig, LoopConfig, to_dict, to_yaml
 from radiodiff_resume.data.stream import BatchStream
 from radiodiff_resume.dist import Ranks
 from radiodiff_resume.errors import StopRequested
 from radiodiff_resume.events import EventLog
-from radiodiff_resume.guard.policy import Guard, GuardHalt, StepOutcome, refuse_sharded
-from radiodiff_resume.guard.sanitize import finite_batch
-from radiodiff_resume.images import save_grid
+from radiodiff_resume.guard.policy import Guard, StepOutcome, refuse_sharded
 from radiodiff_resume.slurm.budget import CLOCK, StopBudget, ask_time_left
 from radiodiff_resume.slurm.environment import job_id
 from radiodiff_resume.slurm.signals import STOP, agreed_reason
-from radiodiff_resume.trainer.ema import RadioDiffEMA, first_average
-from radiodiff_resume.trainer.lr import lr_multiplier
-from radiodiff_resume.trainer.runlog import RunLog
-from radiodiff_resume.trainer.state import TrainState, capture_rng, derive_seed, restore_rng
-from radiodiff_resume.trainer.validation import ValidationResult, evaluate
+from radiodiff_resume.trainer import samples
+from radiodiff_resume.trainer.calibration import Calibration
+from radiodiff_resume.trainer.ema import RadioDiffEMA, ema_weights
+from radiodiff_resume.trainer.parts import Part, build_parts
+from radiodiff_resume.trainer.probe import Probe
+from radiodiff_resume.trainer.rollback import Rollback
+from radiodiff_resume.trainer.runlog import LogInterval, RunLog
+from radiodiff_resume.trainer.state import TrainState
 
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, tp.Any]
-PROBE_SAMPLES = 2
 
 
 class Trainer:
@@ -54,23 +54,21 @@ class Trainer:
     """
 
     stage = "train"
+    # The parts the loop moves, by name (each one lives in ``self.parts``, which the checkpoint saves).
+    model = Part[nn.Module]()
+    optimizer = Part[torch.optim.Optimizer]()
+    params = Part[list[nn.Parameter]]()
+    lr_schedule = Part[LambdaLR]()
+    ema = Part[RadioDiffEMA | None]()
+    state = Part[TrainState]()
+    train_stream = Part[BatchStream]()
+    noise = Part[torch.Generator]()
+    guard = Part[Guard]()
 
-    def __init__(
-        self,
-        loop: LoopConfig,
-        model: nn.Module,
-        train_set: Dataset,
-        val_set: Dataset,
-        *,
-        accelerator: Accelerator,
-        results_folder: Path,
-        seed: int,
-        batch_size: int,
-        num_workers: int = 0,
-        checkpoint: CheckpointConfig | None = None,
-        config: Config | None = None,
-        read_only: bool = False,
-    ) -> None:
+    def __init__(self, loop: LoopConfig, model: nn.Module, train_set: Dataset, val_set: Dataset, *,
+                 accelerator: Accelerator, results_folder: Path, seed: int, batch_size: int,
+                 num_workers: int = 0, checkpoint: CheckpointConfig | None = None,
+                 config: Config | None = None, read_only: bool = False) -> None:
         refuse_sharded(accelerator, self.stage)
         self.loop = loop
         self.read_only = read_only
@@ -80,56 +78,30 @@ class Trainer:
         self.results_folder = Path(results_folder)
         self.seed = seed
         self.batch_size = batch_size
-        self.state = TrainState()
         self.run_config: dict[str, tp.Any] = to_dict(config) if config is not None else {}
         """The resolved config of the whole run; each checkpoint keeps a copy to diff against on resume."""
         self.config_yaml = to_yaml(config) if config is not None else "{}\n"
         self.config_hash = hashlib.sha256(self.config_yaml.encode()).hexdigest()[:16]
-        accelerator.gradient_accumulation_steps = loop.gradient_accumulate_every
-        if accelerator.scaler is not None:
-            # Each stage starts with its own loss scale; the optimizer wrapper takes this object in prepare.
-            accelerator.scaler = fresh_grad_scaler(accelerator.scaler)
-
-        model.to(accelerator.device)
-        self.params = [p for p in self.trainable_module(model).parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(self.params, lr=loop.lr, weight_decay=loop.weight_decay)
-        self.lr_schedule = LambdaLR(optimizer, lr_multiplier(loop))
-        self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        # After prepare: DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
-        self.ema = self.new_ema() if loop.use_ema else None
-        # Runtime randomness (e.g. dropout) differs per rank; model init above did not.
-        set_seed(derive_seed(seed, self.stage, "global", accelerator.process_index) % 2**32)
-
-        rank, world = accelerator.process_index, accelerator.num_processes
-        self.train_stream = BatchStream(train_set, batch_size, rank, world, seed, num_workers)
         self.val_set = val_set
         self.num_workers = num_workers
-        self.noise = torch.Generator(accelerator.device).manual_seed(
-            derive_seed(seed, self.stage, "noise", rank)
-        )
         writes = accelerator.is_main_process and not read_only
         self.log = RunLog(self.results_folder, accelerator, self.stage, enabled=writes)
         self.events = EventLog(self.results_folder / "events.jsonl", writes)
         self.ranks = Ranks(accelerator)
+        self.parts = build_parts(
+            self.stage, loop, model, self.trainable_module, accelerator=accelerator, seed=seed,
+            train_set=train_set, batch_size=batch_size, num_workers=num_workers,
+            guard=config.guard if config is not None else GuardConfig(), events=self.events, ranks=self.ranks)
+        self.probe = Probe(accelerator, val_set, seed, self.stage, self.make_probe_inputs, self.probe_with)
         self.checkpointer = Checkpointer(self, checkpoint or CheckpointConfig(), self.events, self.ranks,
                                          read_only=read_only)
-        self.guard = Guard(
-            config.guard if config is not None else GuardConfig(), accelerator=accelerator,
-            module=self.unwrapped, params=self.params, max_grad_norm=loop.max_grad_norm,
-            events=self.events, ranks=self.ranks, stage=self.stage,
-        )
+        self.rollback = Rollback(self.parts, self.checkpointer, self.events, batch_size, self.rolled_back)
         slurm = config.slurm if config is not None else None
         self.budget = StopBudget(self.stage, slurm.signal_lead_s if slurm else None,
                                  under_slurm=job_id() is not None,
                                  margin_s=slurm.stop_margin_s if slurm and not read_only else None)
-        self.validation_deferred: int | None = None
-        """The step whose validation a stop skipped (kept in that step's checkpoint): it runs when the
-        run resumes there, before the next step, so the run's metrics are those of an uninterrupted run."""
-        self._loss_sum = torch.zeros((), device=accelerator.device)
-        self._loss_count = 0
-        self._grad_norms: list[float] = []
-        self._probe_inputs: dict[str, torch.Tensor] | None = None
-        self._calibration: list[Batch] | None = None
+        self.interval = LogInterval(accelerator.device)
+        self.calibration = Calibration(self.parts, self.loss_with, self.to_device)
 
     # ----- what subclasses provide -------------------------------------------------
     def trainable_module(self, model: nn.Module) -> nn.Module:
@@ -178,11 +150,14 @@ class Trainer:
     # ----- the loop ----------------------------------------------------------------
     @property
     def unwrapped(self) -> nn.Module:
-        return tp.cast(nn.Module, self.accelerator.unwrap_model(self.model))
+        return self.parts.unwrapped
 
     def fit(self) -> None:
         try:
             self._fit()
+        except BaseException:
+            self.checkpointer.settle_quietly()
+            raise
         finally:
             self.train_stream.close()
 
@@ -219,6 +194,7 @@ class Trainer:
         bar.close()
         while self.checkpointer.last_saved_step != self.state.step:
             self.save_checkpoint()
+        self.checkpointer.settle()  # the last checkpoint is committed before the run ends
         self.checkpointer.ended_cleanly()
         self.sync_buffers()
         self.on_fit_end()
@@ -230,7 +206,7 @@ class Trainer:
         """Resume from the verified checkpoint (``mode`` as :meth:`Checkpointer.resume`), repair its
         running statistics, and make the model ready to train; the path, or None on a fresh start."""
         if self.guard.norm_stats:
-            self.calibration_batches()
+            self.calibration.batches()
         path = self.checkpointer.resume(mode)
         if path is not None:
             self.check_state("after load", weights=False)
@@ -268,10 +244,7 @@ class Trainer:
         step)."""
         step = self.state.step
         self.checkpointer.progressed(step, stop_seen=STOP.reason is not None)
-        self._loss_sum += outcome.loss
-        self._loss_count += 1
-        if outcome.grad_norm is not None and math.isfinite(outcome.grad_norm):
-            self._grad_norms.append(outcome.grad_norm)
+        self.interval.add(outcome.loss, outcome.grad_norm)
         if step % self.loop.log_freq == 0 or step == self.loop.train_num_steps:
             self.write_log(step, bar)
         if step % (self.guard.cfg.norm_stats.check_every or self.loop.log_freq) == 0:
@@ -282,7 +255,7 @@ class Trainer:
                 self.defer_validation(step)
                 return True
             started = time.perf_counter()
-            self.validate_and_sample()
+            samples.validate_and_sample(self)
             self.budget.validated(time.perf_counter() - started)
             if self.stop_agreed():  # a signal during the validation: stop before the next step
                 return True
@@ -295,46 +268,39 @@ class Trainer:
 
     def defer_validation(self, step: int) -> None:
         """A stop comes before the validation of ``step``: its checkpoint records the validation as due."""
-        self.validation_deferred = step
+        self.parts.validation_deferred = step
         self.events.emit("validation_deferred", stage=self.stage, step=step)
         logger.warning("%s step %d: the validation due here runs when the run resumes (stopping first)",
                        self.stage, step)
 
     def run_deferred_validation(self) -> None:
         """The validation a stop skipped at the restored step, before the first step of this run."""
-        if self.validation_deferred == self.state.step:
+        if self.parts.validation_deferred == self.state.step:
             logger.info("%s step %d: the validation deferred by the last stop", self.stage, self.state.step)
             started = time.perf_counter()
-            self.validate_and_sample()
+            samples.validate_and_sample(self)
             self.budget.validated(time.perf_counter() - started)
-        self.validation_deferred = None
+        self.parts.validation_deferred = None
 
     def write_log(self, step: int, bar: tqdm) -> None:
-        mean = self.accelerator.reduce(self._loss_sum / self._loss_count, "mean").item()
-        lr = self.lr_schedule.get_last_lr()[0]
-        values: dict[str, float | int] = {"loss": mean, "lr": lr}
-        if self._grad_norms:
-            values["grad_norm"] = sum(self._grad_norms) / len(self._grad_norms)
-        self.new_log_interval()
+        means = self.interval.means(self.accelerator)
+        mean, lr = means.pop("loss"), self.lr_schedule.get_last_lr()[0]
+        values = {"loss": mean, "lr": lr, **means}
+        self.interval.clear()
         guard = self.guard.log_values() if self.guard.enabled else {}
         self.log.write(step, {**values, **guard})
         shown = {k.removeprefix("guard/"): v for k, v in guard.items() if v}
         bar.set_postfix(loss=f"{mean:.4g}", lr=f"{lr:.2e}", **shown)
 
-    def new_log_interval(self) -> None:
-        """Empty the loss and grad-norm sums of the log interval (after a log line, and after a rollback
-        discarded the steps they hold)."""
-        self._loss_sum.zero_()
-        self._loss_count = 0
-        self._grad_norms.clear()
-
-    def save_checkpoint(self) -> None:
-        """Check the state, then commit it; a state that fails the check is rolled back instead."""
+    def save_checkpoint(self, background: bool = True) -> None:
+        """Check the state, then commit it; a state that fails the check is rolled back instead.
+        ``background`` (with ``checkpoint.async_save``): training goes on once the state is copied.
+        The job's clock learns the time from the start of the save to its commit either way."""
         if self.check_state("before save"):
             started = time.perf_counter()
             self.guard.saved()  # before the state is taken: the checkpoint records no rollback since itself
-            self.checkpointer.save()
-            self.budget.saved(time.perf_counter() - started)
+            self.checkpointer.save(background=background and self.checkpointer.cfg.async_save,
+                                   done=lambda: self.budget.saved(time.perf_counter() - started))
             self.budget.time_left(ask_time_left(self.ranks, self.budget))  # the limit may have changed
 
     # ----- guards ------------------------------------------------------------------
@@ -345,88 +311,21 @@ class Trainer:
         if not self.guard.enabled:
             return True
         self.sync_buffers()
-        if self.guard.repair_norm_stats(self.unwrapped, self.calibration_forward, when, self.state.step):
+        if self.guard.repair_norm_stats(self.unwrapped, self.calibration.forward, when, self.state.step):
             self.sync_buffers()
         if weights and self.guard.nonfinite_weights():
             self.roll_back("non-finite weights")
             return False
         return True
 
-    def calibration_forward(self) -> None:
-        """Forward passes over this rank's first ``recalibrate_batches`` training batches of epoch 0
-        (the data stream and the run's random streams are not touched)."""
-        generator = torch.Generator(self.accelerator.device).manual_seed(
-            derive_seed(self.seed, self.stage, "calibrate", self.accelerator.process_index))
-        with torch.no_grad(), self.accelerator.autocast():
-            for batch in self.calibration_batches():
-                self.loss_with(self.unwrapped, self.to_device(batch), generator)
-
-    def calibration_batches(self) -> list[Batch]:
-        """The batches running statistics are recomputed over, NaN/Inf set to 0; read once, and by
-        :meth:`fit` before training, so that during training the data is read only by the stream."""
-        if self._calibration is None:
-            dataset, count = self.train_stream.dataset, self.guard.cfg.norm_stats.recalibrate_batches
-            self._calibration = [
-                finite_batch(torch.utils.data.default_collate([dataset[i] for i in indices]),
-                             self.guard.cfg.max_abs_input)[0]
-                for indices in self.train_stream.rank_batches(0)[:count]]
-        return self._calibration
-
     def roll_back(self, why: str, spikes: bool = False) -> None:
-        """Reload the newest verified checkpoint (nothing is quarantined for this) and go on past
-        the data that led here. A checkpoint rolled back to that leads straight back here (nothing
-        committed since) is not good: the next rollback goes to an older one. After ``max_rollbacks``
-        without a new checkpoint, or with none older left, stop, naming the checkpoint still believed
-        good (or saying that none is). ``spikes``: every skip that led here was a loss spike."""
-        guard, step = self.guard, self.state.step
-        led_back = list(guard.rolled_back_to)
-        older_than = parse_step(led_back[-1].name) if led_back else None
-        good = self.checkpointer.newest(older_than)
-        if good is None or not guard.may_roll_back():
-            self.halt(why, good, led_back, spikes)
-        data, rank_state, carried = self.train_stream.state_dict(), self.rank_state_dict(), guard.carried()
-        consumed = self.state.samples_seen
-        path = tp.cast(Path, self.checkpointer.resume(mode="auto", rollback=True, older_than=older_than))
-        guard.rolled_back(carried, path)
-        skip = guard.cfg.rollback.skip_batches
-        if skip is None:
-            self.train_stream.load_state_dict(data)
-        else:
-            for _ in range(skip):
-                next(self.train_stream)
-            consumed += skip * self.batch_size * self.accelerator.num_processes
-        self.state.samples_seen = consumed  # samples consumed, rolled back or not: never behind the data
-        self.load_rank_state_dict(rank_state)
-        self.apply_loop_settings()
-        self.new_log_interval()
-        self.log.trackers.rolled_back(step, self.state.step)
-        self.events.emit("rolled_back", stage=self.stage, step=step, to_step=self.state.step, path=str(path),
-                         reason=why, lr_scale=guard.lr_scale, skipped_batches="all since" if skip is None
-                         else skip)
-        logger.warning("%s step %d: %s: rolled back to %s (step %d%s), %s, LR x%g", self.stage, step, why,
-                       path, self.state.step, f"; {led_back[-1].name} led straight back here" if led_back
-                       else "", "continuing with the data that comes next" if skip is None
-                       else f"skipping {skip} batch(es) past it", guard.lr_scale)
+        """Go back to the newest verified checkpoint (the policy: :meth:`Rollback.roll_back`)."""
+        self.rollback.roll_back(why, spikes)
 
-    def halt(self, why: str, good: Path | None, led_back: list[Path], spikes: bool = False) -> tp.NoReturn:
-        """Stop the run for good (exit 4): why, which checkpoints rolled back to led straight back
-        here, the newest one not proven bad (``good``), if any, and advice that fits (``spikes``: the
-        skips were all loss spikes)."""
-        if good is None and not led_back:
-            cause, last = "there is nothing to roll back to", "no checkpoint was committed yet"
-        else:
-            cause = f"{self.guard.rollbacks_since_save} rollback(s) since the last checkpoint did not help"
-            if led_back:
-                cause += f" (rolling back to {', '.join(p.name for p in led_back)} led straight back to this)"
-            last = (f"the last good checkpoint is {good}" if good is not None
-                    else f"no checkpoint is believed good (none is older than {led_back[-1].name})")
-        self.events.emit("halted", stage=self.stage, step=self.state.step, reason=why,
-                         last_good=None if good is None else str(good), led_back=[str(p) for p in led_back])
-        advice = (self.guard.spike_advice() if spikes
-                  else "lower trainer.lr, try trainer.mixed_precision=bf16 or check the data")
-        raise GuardHalt(
-            f"{self.stage} step {self.state.step}: {why}, and {cause}; {last}. Look at {self.events.path} "
-            f"for what was skipped; {advice}, then run the same command to resume.")
+    def rolled_back(self, step: int) -> None:
+        """The steps since the checkpoint rolled back to (from ``step``) are gone from the log interval."""
+        self.interval.clear()
+        self.log.trackers.rolled_back(step, self.state.step)
 
     # ----- stopping ----------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
@@ -441,7 +340,7 @@ class Trainer:
             validation_due = self.validation_due(self.state.step + 1)
         if STOP.reason is None and self.budget.out_of_time(validation_due):
             STOP.request(CLOCK)
-        return STOP.reason is not None
+        return STOP.reason is not None or self.checkpointer.failed  # a failed background save: stop
 
     def stop_agreed(self, validation_due: bool = False) -> bool:
         """Whether any rank wants to stop; every rank gets the same answer at the same step.
@@ -454,11 +353,12 @@ class Trainer:
     def stop(self) -> tp.NoReturn:
         """Save (all ranks together, unless nothing was trained yet), clear the flag and raise
         :class:`StopRequested`."""
+        self.checkpointer.settle()  # a background save that failed raises here, on every rank
         reason, rank = agreed_reason(self.ranks.gather(STOP.reason))
         step, seen = self.state.step, f"{reason} on rank {rank}" if self.ranks.world > 1 else reason
         self.checkpointer.progressed(step, stop_seen=True)  # a death while saving is not the checkpoint's
         if step > 0 and self.checkpointer.last_saved_step != step:
-            self.save_checkpoint()
+            self.save_checkpoint(background=False)
         self.checkpointer.ended_cleanly()
         STOP.clear()
         self.events.emit("stopped", stage=self.stage, step=step, reason=reason, rank=rank)
@@ -472,251 +372,44 @@ class Trainer:
             for k, v in batch.items()
         }
 
-    # ----- evaluation --------------------------------------------------------------
+    # ----- evaluation (:mod:`~radiodiff_resume.trainer.samples`) -------------------
     def val_batches(self) -> list[Batch]:
         """This rank's share of the first ``val_batches`` validation batches."""
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        n = len(self.val_set)  # type: ignore[arg-type]
-        indices = list(range(rank, n, world))[: self.loop.val_batches * self.batch_size]
-        loader = DataLoader(Subset(self.val_set, indices), batch_size=self.batch_size,
-                            num_workers=self.num_workers, worker_init_fn=STOP.worker_init_fn(),
-                            generator=torch.Generator().manual_seed(0))
-        return [self.to_device(b) for b in loader]
-
-    def validate_and_sample(self) -> ValidationResult | None:
-        """Validate with EMA weights (if any), log the result, write a sample grid."""
-        self.check_state("before validation", weights=False)
-        with self.ema_weights():
-            self.model.eval()
-            result = None
-            if self.loop.val_batches > 0:
-                result = evaluate(
-                    self.val_batches(), self.predict,
-                    lambda t: self.accelerator.reduce(t, "sum"), self.accelerator.device,
-                )
-                logger.info("%s step %d: %s", self.stage, self.state.step, result.describe())
-                self.log.write(self.state.step, result.log_values())
-            if self.accelerator.is_main_process:
-                self.write_samples()
-            self.model.train()
-        self.accelerator.wait_for_everyone()
-        return result
-
-    def sync_buffers(self) -> None:
-        """Give every rank rank 0's buffers (BatchNorm statistics, ``scale_factor``).
-
-        DDP broadcasts buffers at the start of each forward, so after the last
-        forward each rank holds statistics of its own batch; evaluation and saved
-        state must not depend on which rank ran them.
-        """
-        if self.accelerator.num_processes > 1:
-            for buffer in self.unwrapped.buffers():
-                torch.distributed.broadcast(buffer, src=0)
+        return samples.val_batches(self)
 
     def write_samples(self) -> None:
-        batch = finite_batch(self.to_device(
-            torch.utils.data.default_collate(self._finite_val_samples(self.loop.num_sample_images))
-        ))[0]
-        path = self.results_folder / "samples" / f"step-{self.state.step:08d}.png"
-        save_grid(path, self.sample_columns(batch))
-        logger.info("%s step %d: samples written to %s", self.stage, self.state.step, path)
+        """The sample grid of this step (main process)."""
+        samples.write_samples(self)
 
-    def probe_inputs(self) -> dict[str, torch.Tensor]:
-        """What the probe runs on: the first validation samples and fixed noise (CPU tensors).
+    def ema_weights(self) -> contextlib.AbstractContextManager[None]:
+        """EMA weights in for the block, everything back out after (see :func:`ema.ema_weights`)."""
+        return ema_weights(self.ema, self.params, self.guard, self.unwrapped, self.calibration.forward,
+                           self.sync_buffers)
 
-        Stored in every checkpoint, so verifying it never depends on today's data or config.
-        Two samples are enough for a fingerprint and keep the probe cheap at save and load.
-        """
-        if self._probe_inputs is None:
-            batch = finite_batch(torch.utils.data.default_collate(self._finite_val_samples(PROBE_SAMPLES)))[0]
-            generator = torch.Generator().manual_seed(derive_seed(self.seed, self.stage, "probe"))
-            self._probe_inputs = self.make_probe_inputs(batch, generator)
-        return self._probe_inputs
+    # ----- what the checkpointer saves and verifies (:class:`Checkpointable`) -------
+    def sync_buffers(self) -> None:
+        self.parts.sync_buffers()
 
-    def _finite_val_samples(self, n: int) -> list[dict[str, tp.Any]]:
-        """The first ``n`` validation samples without NaN/Inf (the first ``n`` if there are not enough)."""
-        size = len(self.val_set)  # type: ignore[arg-type]
-        chosen = []
-        for i in range(size):
-            item = self.val_set[i]
-            floats = [v for v in item.values() if torch.is_tensor(v) and v.is_floating_point()]
-            if all(torch.isfinite(v).all() for v in floats):
-                chosen.append(item)
-            if len(chosen) == n:
-                return chosen
-        return [self.val_set[i] for i in range(min(n, size))]
-
-    def probe_dtype(self) -> str:
-        """The autocast dtype the probe really ran in (accelerate ignores fp16 on a CPU)."""
-        if not self.accelerator.native_amp:
-            return "float32"
-        return {"fp16": "float16", "bf16": "bfloat16"}.get(self.accelerator.mixed_precision, "float32")
-
-    def probe_value(self, inputs: tp.Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The probe of the current state on ``inputs``, in eval mode under the run's autocast."""
-        module = self.unwrapped
-        was_training = module.training
-        module.eval()
-        on_device = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
-        with torch.no_grad(), self.accelerator.autocast():
-            value = self.probe_with(module, on_device).double()
-        module.train(was_training)
-        return value
-
-    def sample_generator(self) -> torch.Generator:
-        """A fresh generator for samples: never touches the training noise stream."""
-        return torch.Generator(self.accelerator.device).manual_seed(
-            derive_seed(self.seed, self.stage, "sample")
-        )
-
-    @contextlib.contextmanager
-    def ema_weights(self) -> tp.Iterator[None]:
-        """EMA weights in (with running statistics recomputed for them, when the model has any and
-        ``guard.norm_stats.ema_statistics``), everything back out after, even on error.
-        Every rank must enter it together (the statistics are synced)."""
-        if self.ema is None:
-            yield
-            return
-        stats = self.guard.norm_stats
-        own = stats and self.guard.cfg.norm_stats.ema_statistics
-        saved = stats.snapshot() if own else None
-        self.ema.store(self.params)
-        self.ema.copy_to(self.params)
-        try:
-            if own:
-                stats.recompute(self.unwrapped, [n for n, _ in stats.modules], self.calibration_forward)
-                self.sync_buffers()
-            yield
-        finally:
-            self.ema.restore(self.params)
-            if saved is not None:
-                stats.restore(saved)
-
-    def new_ema(self) -> RadioDiffEMA:
-        """An EMA of the trainable parameters as they are now, with the loop's settings."""
-        loop = self.loop
-        first = first_average(loop.ema_update_after_step, loop.ema_update_every)
-        if first > loop.train_num_steps:
-            logger.warning(
-                "%s: with ema_update_after_step=%d and ema_update_every=%d the EMA first averages after step "
-                "%d, beyond train_num_steps=%d: the EMA weights will be a copy of the online weights",
-                self.stage, loop.ema_update_after_step, loop.ema_update_every, first, loop.train_num_steps)
-        return RadioDiffEMA(self.params, decay=loop.ema_decay, update_after_step=loop.ema_update_after_step,
-                            update_every=loop.ema_update_every)
-
-    # ----- state -------------------------------------------------------------------
     def state_dict(self) -> dict[str, tp.Any]:
-        """State shared by all ranks, under named keys (rank 0 saves it)."""
-        state = {
-            "model": self.unwrapped.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "train_state": self.state.state_dict(),
-            "data": self.train_stream.state_dict(),
-        }
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        if self.accelerator.scaler is not None:
-            state["grad_scaler"] = self.accelerator.scaler.state_dict()
-        if self.guard.enabled:
-            state["guard"] = self.guard.state_dict()
-        if self.validation_deferred == self.state.step:  # in train_state: the format's own components
-            state["train_state"]["validation_deferred"] = True
-        return state
+        return self.parts.state_dict()
 
     def load_state_dict(self, state: tp.Mapping[str, tp.Any]) -> None:
-        """Restore shared state; loop settings (LR schedule, weight decay, EMA decay) come from the
-        config of this run, so a changed setting applies from the restored step on."""
-        self.unwrapped.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.state.load_state_dict(state["train_state"])
-        self._load_data_position(state["data"])
-        self._load_ema(state.get("ema"))
-        self._load_scaler(state.get("grad_scaler"))
-        self._load_guard(state.get("guard"))
-        deferred = state["train_state"].get("validation_deferred")
-        self.validation_deferred = self.state.step if deferred else None
-        self.apply_loop_settings()
-
-    def apply_loop_settings(self) -> None:
-        """Put this run's loop settings on the restored optimizer, schedule and EMA.
-
-        The LR schedule is a function of (config, step), so it is rebuilt at the restored
-        step rather than loaded: the same floats as an uninterrupted run when nothing changed.
-        """
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = self.loop.lr * self.guard.lr_scale
-            group["weight_decay"] = self.loop.weight_decay
-        optimizer = tp.cast(torch.optim.Optimizer, getattr(self.optimizer, "optimizer", self.optimizer))
-        self.lr_schedule = LambdaLR(optimizer, lr_multiplier(self.loop), last_epoch=self.state.step - 1)
-        if self.ema is not None:
-            self.ema.decay = self.loop.ema_decay
-            self.ema.update_after_step = self.loop.ema_update_after_step
-            self.ema.update_every = self.loop.ema_update_every
-
-    def _load_data_position(self, data: tp.Mapping[str, int]) -> None:
-        if data["offset"] > self.train_stream.n:
-            if self.accelerator.is_main_process:
-                logger.warning("%s: the checkpoint's data position (epoch %d, %d samples in) lies beyond "
-                               "the %d samples of this training set (the data changed since): continuing "
-                               "with the next epoch", self.stage, data["epoch"], data["offset"],
-                               self.train_stream.n)
-            data = {"epoch": data["epoch"] + 1, "offset": 0}
-        self.train_stream.load_state_dict(data)
-
-    def _load_ema(self, saved: tp.Mapping[str, tp.Any] | None) -> None:
-        main = self.accelerator.is_main_process
-        if self.ema is None:
-            if saved is not None and main:
-                logger.warning("%s: trainer.use_ema is false: the checkpoint's EMA weights are not used "
-                               "(they stay in that checkpoint)", self.stage)
-            return
-        if saved is None:
-            self.ema = self.new_ema()
-            if main:
-                logger.warning("%s: the checkpoint has no EMA (saved with use_ema false); the EMA starts "
-                               "from the restored weights", self.stage)
-        else:
-            self.ema.load_state_dict(dict(saved))
-            # load_state_dict keeps the tensors where they were read (the CPU); ema.step needs them
-            # beside the parameters (a GPU resume would otherwise fail on its first step).
-            self.ema.to(device=self.accelerator.device)
-        # It counts optimizer steps (checkpoints written before this counted EMA updates).
-        self.ema.optimization_step = self.state.step
-
-    def _load_guard(self, saved: tp.Mapping[str, tp.Any] | None) -> None:
-        if saved is not None:
-            self.guard.load_state_dict(saved)
-        elif self.guard.enabled and self.accelerator.is_main_process:
-            logger.warning("%s: the checkpoint has no guard state (saved before guards, or with them off): "
-                           "loss and gradient-norm statistics start afresh", self.stage)
-
-    def _load_scaler(self, saved: tp.Mapping[str, tp.Any] | None) -> None:
-        scaler = self.accelerator.scaler
-        if scaler is not None and saved is not None:
-            scaler.load_state_dict(dict(saved))
-        elif scaler is not None and self.accelerator.is_main_process:
-            logger.warning("%s: the checkpoint has no fp16 loss scale; it starts afresh", self.stage)
+        self.parts.load_state_dict(state)
 
     def rank_state_dict(self) -> dict[str, tp.Any]:
-        """State of this rank only: its RNGs (the data position is shared, see ``state_dict``)."""
-        return {"rng": capture_rng(self.accelerator.device), "noise_rng": self.noise.get_state()}
+        return self.parts.rank_state_dict()
 
     def load_rank_state_dict(self, state: tp.Mapping[str, tp.Any]) -> None:
-        restore_rng(state["rng"], self.accelerator.device)
-        self.noise.set_state(state["noise_rng"])
+        self.parts.load_rank_state_dict(state)
 
     def reseed_rank(self, step: int) -> None:
-        """Fresh per-rank random streams for a resume that cannot restore this rank's own
-        (another number of processes or another device type), derived from seed, rank and step."""
-        rank = self.accelerator.process_index
-        set_seed(derive_seed(self.seed, self.stage, "global", rank, "resume", step) % 2**32)
-        self.noise.manual_seed(derive_seed(self.seed, self.stage, "noise", rank, "resume", step))
+        self.parts.reseed_rank(step)
 
+    def probe_inputs(self) -> dict[str, torch.Tensor]:
+        return self.probe.inputs()
 
-def fresh_grad_scaler(used: torch.amp.GradScaler) -> torch.amp.GradScaler:
-    """A GradScaler with ``used``'s settings and none of its history (a new stage's own loss scale)."""
-    return torch.amp.GradScaler(
-        used._device, init_scale=used._init_scale, growth_factor=used.get_growth_factor(),
-        backoff_factor=used.get_backoff_factor(), growth_interval=used.get_growth_interval(),
-        enabled=used.is_enabled(),
-    )
+    def probe_value(self, inputs: tp.Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.probe.value(self.unwrapped, inputs)
+
+    def probe_dtype(self) -> str:
+        return self.probe.dtype()

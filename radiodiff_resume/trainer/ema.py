@@ -14,10 +14,19 @@ is called after every optimizer step and ``optimization_step`` counts them, as R
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import typing as tp
 from collections.abc import Iterable
 
 import torch
 from diffusers.training_utils import EMAModel
+from torch import nn
+
+from radiodiff_resume.config import LoopConfig
+from radiodiff_resume.guard.policy import Guard
+
+logger = logging.getLogger(__name__)
 
 
 class RadioDiffEMA(EMAModel):
@@ -57,3 +66,41 @@ class RadioDiffEMA(EMAModel):
 def first_average(update_after_step: int, update_every: int) -> int:
     """The optimizer step after which an EMA with these settings first averages rather than copies."""
     return update_every * (update_after_step // update_every + 2) + 1
+
+
+def new_ema(params: list[nn.Parameter], loop: LoopConfig, stage: str) -> RadioDiffEMA:
+    """An EMA of ``params`` as they are now, with the loop's settings."""
+    first = first_average(loop.ema_update_after_step, loop.ema_update_every)
+    if first > loop.train_num_steps:
+        logger.warning(
+            "%s: with ema_update_after_step=%d and ema_update_every=%d the EMA first averages after step "
+            "%d, beyond train_num_steps=%d: the EMA weights will be a copy of the online weights",
+            stage, loop.ema_update_after_step, loop.ema_update_every, first, loop.train_num_steps)
+    return RadioDiffEMA(params, decay=loop.ema_decay, update_after_step=loop.ema_update_after_step,
+                        update_every=loop.ema_update_every)
+
+
+@contextlib.contextmanager
+def ema_weights(ema: RadioDiffEMA | None, params: list[nn.Parameter], guard: Guard, module: nn.Module,
+                calibration_forward: tp.Callable[[], None],
+                sync_buffers: tp.Callable[[], None]) -> tp.Iterator[None]:
+    """``ema``'s weights in ``params`` (with ``module``'s running statistics recomputed for them by
+    ``calibration_forward``, when it has any and ``guard.norm_stats.ema_statistics``), everything back
+    out after, even on error. Every rank must enter it together (the statistics are synced)."""
+    if ema is None:
+        yield
+        return
+    stats = guard.norm_stats
+    own = stats and guard.cfg.norm_stats.ema_statistics
+    saved = stats.snapshot() if own else None
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        if own:
+            stats.recompute(module, [n for n, _ in stats.modules], calibration_forward)
+            sync_buffers()
+        yield
+    finally:
+        ema.restore(params)
+        if saved is not None:
+            stats.restore(saved)

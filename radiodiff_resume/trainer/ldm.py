@@ -13,6 +13,7 @@ from radiodiff_resume.errors import DataError
 from radiodiff_resume.io import save_tensors_atomic
 from radiodiff_resume.models.ldm import ConditionalLDM
 from radiodiff_resume.trainer.base import Batch, Trainer
+from radiodiff_resume.trainer.samples import sample_generator
 from radiodiff_resume.trainer.state import derive_seed
 
 logger = logging.getLogger(__name__)
@@ -134,8 +135,9 @@ class LatentDiffusionTrainer(Trainer):
         )
 
     def predict(self, batch: Batch) -> torch.Tensor:
+        generator = sample_generator(self.seed, self.stage, self.accelerator.device)
         with self.accelerator.autocast():
-            return self.ldm.sample(batch["cond"], generator=self.sample_generator())
+            return self.ldm.sample(batch["cond"], generator=generator)
 
     def sample_columns(self, batch: Batch) -> list[torch.Tensor]:
         return [batch["cond"], batch["image"], self.predict(batch)]

@@ -17,10 +17,40 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
 
 from radiodiff_resume.io import MAX_LOG_BYTES, append_line, json_objects, read_regular  # noqa: E402
 from radiodiff_resume.trainer.trackers import TrackerLog  # noqa: E402
+
+
+class LogInterval:
+    """Loss and gradient-norm sums since the last log line; the loss stays on the device, read (a host
+    sync) only when a line is written."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device)
+        self.count = 0
+        self.grad_norms: list[float] = []
+
+    def add(self, loss: torch.Tensor, grad_norm: float | None) -> None:
+        self.loss_sum += loss
+        self.count += 1
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self.grad_norms.append(grad_norm)
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        """The interval's mean loss (over every rank) and mean finite gradient norm (when any)."""
+        values = {"loss": accelerator.reduce(self.loss_sum / self.count, "mean").item()}
+        if self.grad_norms:
+            values["grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+        return values
+
+    def clear(self) -> None:
+        """Empty the sums (after a log line, and after a rollback discarded the steps they hold)."""
+        self.loss_sum.zero_()
+        self.count = 0
+        self.grad_norms.clear()
 
 
 class RunLog:

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from radiodiff_resume.checkpoint.checkpointer import Checkpointer
 from radiodiff_resume.checkpoint.restarts import LEDGER, RestartLedger, batch_job
 from radiodiff_resume.config import Config
 from radiodiff_resume.errors import StopRequested, UserError
@@ -108,6 +109,21 @@ def test_a_guard_rollback_is_not_a_restart(
         trainer.checkpointer.resume(mode="auto", rollback=True)
     assert json.loads((run / LEDGER).read_text()) == {STEP4: 1}
     assert committed(run) == [STEP2, STEP4]
+
+
+def test_a_dry_run_counts_nothing_and_clears_nothing(
+    slurm_job: None, run: Path, run_cfg: tp.Callable[..., Config]
+) -> None:
+    """The dry-run's read-only checkpointer leaves the ledger as it found it, even where a real run
+    would count its resume or clear the counts at a clean end."""
+    cfg = run_cfg("checkpoint.crash_loop_restarts=3")
+    die_after_resume(cfg)
+    trainer = build(cfg)
+    dry = Checkpointer(trainer, cfg.checkpoint, trainer.events, trainer.ranks, read_only=True)
+    assert dry.resume() == run / "checkpoints" / STEP4
+    dry.ended_cleanly()
+    assert json.loads((run / LEDGER).read_text()) == {STEP4: 1}
+    assert dry.would == []
 
 
 def test_outside_slurm_nothing_is_counted_or_moved(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from radiodiff_resume.checkpoint.verify import INTEGRITY, LEVELS, Report
+from radiodiff_resume.checkpoint.verify import INTEGRITY, LEVELS, Report, nonfinite_names, scan
 from radiodiff_resume.config import Config
 from tests.checkpoint.conftest import Golden
 from tests.checkpoint.helpers import (
@@ -236,3 +236,24 @@ def test_a_negative_running_variance_is_repaired_not_damage(run: Path,
     assert report.ok, report.describe()
     assert report.repairable == [f"model.{stat}"]
     assert report.levels["probe"].detail.startswith("not compared"), report.describe()
+
+
+def test_the_one_pass_scan_finds_what_an_element_wise_check_finds() -> None:
+    """The scan reads each tensor once (a sum, or a minimum and maximum for a second moment): a
+    negative entry beside a NaN still counts, a finite half tensor whose sum overflows is finite,
+    and empty tensors are neither."""
+    tree = {
+        "optimizer": {"state": {"0": {"exp_avg_sq": torch.tensor([0.5, math.nan, -1.0]),
+                                      "exp_avg": torch.full((4,), 6e4, dtype=torch.float16)},
+                                "1": {"exp_avg_sq": torch.tensor([1.0, -math.inf]),
+                                      "max_exp_avg_sq": torch.empty(0)},
+                                "2": {"exp_avg_sq": torch.tensor([0.0, math.inf], dtype=torch.bfloat16)}}},
+        "model": {"bn.running_var": torch.tensor([1.0, -2.0]), "w": torch.tensor([math.nan]),
+                  "lr": math.inf},
+    }
+    bad, negative = scan(tree)
+    assert bad == ["optimizer.state.0.exp_avg_sq", "optimizer.state.1.exp_avg_sq",
+                   "optimizer.state.2.exp_avg_sq", "model.w", "model.lr"]
+    assert negative == ["optimizer.state.0.exp_avg_sq", "optimizer.state.1.exp_avg_sq",
+                        "model.bn.running_var"]
+    assert nonfinite_names(tree) == bad

@@ -638,7 +638,7 @@ def test_two_processes_put_back_the_statistics_of_a_micro_batch_rejected_on_one_
 
 def test_checkpoints_after_a_rollback_verify_and_samples_seen_keeps_counting(
         tmp_path: Path, big_root: Path) -> None:
-    """BUG (radiodiff_resume/trainer/base.py, ``Trainer.roll_back``): the rollback keeps the data
+    """BUG (radiodiff_resume/trainer/rollback.py, ``Rollback.roll_back``): the rollback keeps the data
     stream's position (skip_batches null) but ``train_state.samples_seen`` comes back from the
     checkpoint, so it stops counting the samples consumed. A later checkpoint then records a data
     offset ahead of samples_seen, which the verifier calls damage (verify.py ``_content_problems``:

@@ -1,7 +1,8 @@
 """SIGKILL torture: one run killed many times at random moments — during start-up and resume, during
-steps, in the middle of a save, right after a commit (retention) — and re-run until it finishes. Every
+steps, in the middle of a save, while the writer thread of a background save holds its staging folder
+and training has gone on, right after a commit (retention) — and re-run until it finishes. Every
 restart must resume from the newest committed checkpoint, verified, and the final weights must equal an
-uninterrupted run's bit for bit.
+uninterrupted run's bit for bit. A kill never leaves a ``step-*`` folder without its manifest.
 
 Used by ``tests/torture/test_kills.py`` (a few kills in CI) and ``python -m tests.torture`` (the full set).
 """
@@ -25,7 +26,9 @@ from tests.trainer.test_resume_exact import assert_bit_identical, final_tensors,
 from tests.trainer.test_resume_exact import run_to_end as run_straight
 
 EVERY = 5
-MOMENTS = ("start-up", "steps", "save", "retention")
+MOMENTS = ("start-up", "steps", "save", "background", "retention")
+BACKGROUND_WAIT_S = 0.05
+"""How long the background moment waits for a step logged past the save before it kills anyway."""
 
 
 @dataclass
@@ -54,6 +57,23 @@ def newest_commit(checkpoints: Path) -> int:
     steps = [int(p.name[5:]) for p in checkpoints.iterdir()
              if p.name.startswith("step-") and (p / "manifest.json").is_file()]
     return max(steps, default=0)
+
+
+def uncommitted(checkpoints: Path) -> list[str]:
+    """``step-*`` folders without a manifest: what no kill may leave (only ``.staging-*`` may stay)."""
+    if not checkpoints.is_dir():
+        return []
+    return sorted(p.name for p in checkpoints.iterdir()
+                  if p.name.startswith("step-") and not (p / "manifest.json").is_file())
+
+
+def staging_step(checkpoints: Path) -> int | None:
+    """The step of a ``.staging-step-*`` folder, if one exists."""
+    if not checkpoints.is_dir():
+        return None
+    found = [int(p.name.rsplit("-", 1)[1]) for p in checkpoints.iterdir()
+             if p.name.startswith(".staging-step-")]
+    return max(found, default=None)
 
 
 def events(results: Path) -> list[dict[str, tp.Any]]:
@@ -104,6 +124,7 @@ def run_kill_trials(workdir: Path, synth_cache: Path, kills: int, seed: int = 0,
             break
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        assert not uncommitted(checkpoints), f"{moment}: a kill left {uncommitted(checkpoints)}"
         summary.kills += 1
         summary.by_moment[moment] += 1
         summary.restarts_resumed += _check_restart(killed, before_events, newest_before)
@@ -152,6 +173,20 @@ def _trigger(moment: str, rng: random.Random, results: Path, checkpoints: Path, 
     if moment == "save":
         return lambda: checkpoints.is_dir() and any(
             p.name.startswith(".staging-") for p in checkpoints.iterdir())
+    if moment == "background":  # the writer thread holds the staging folder; training went on past it
+        seen: list[float] = []
+        lines = line_count(results / "metrics.jsonl")
+
+        def writing_behind() -> bool:
+            step = staging_step(checkpoints)
+            if step is None:
+                return False
+            if not seen:
+                seen.append(time.monotonic())
+            ahead = any(s > step for s in steps_logged(results, lines))
+            return ahead or time.monotonic() - seen[0] > BACKGROUND_WAIT_S
+
+        return writing_behind
     delay = rng.uniform(0.0, 0.02)  # retention runs right after a commit
     committed: list[float] = []
 

@@ -82,7 +82,7 @@ def test_ema_weights_are_validated_with_their_own_running_statistics(
         inside = [b.clone() for b in stats.buffers]
         assert not all(torch.equal(a, b) for a, b in zip(weights, trainer.params, strict=True))
         # The same recomputation by hand, on the EMA weights now in place.
-        stats.recompute(trainer.unwrapped, [n for n, _ in stats.modules], trainer.calibration_forward)
+        stats.recompute(trainer.unwrapped, [n for n, _ in stats.modules], trainer.calibration.forward)
         again = [b.clone() for b in stats.buffers]
     assert all(torch.equal(a, b) for a, b in zip(inside, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(inside, online, strict=True)), \
