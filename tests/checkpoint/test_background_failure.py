@@ -9,7 +9,6 @@ failed flag rides the next step's stop agreement.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -32,10 +31,8 @@ __all__ = ["committed_step2"]  # the fixture, used by name
 def test_background_write_error_stops_every_rank_at_a_later_step(committed_step2: Committed, tmp_path: Path,
                                                                   fail_rank: int) -> None:
     cfg = committed_step2.cfg
-    results = cfg.parent / "run"
+    results = committed_step2.reset()
     checkpoints = results / "checkpoints"
-    shutil.rmtree(results)
-    shutil.copytree(committed_step2.snapshot, results)
     before = hashes(checkpoints / STEP2)
 
     out = tmp_path / "out"

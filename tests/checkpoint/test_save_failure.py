@@ -82,6 +82,13 @@ class Committed:
     snapshot: Path
     """A copy of that results folder right after the 2-process launch committed step 2."""
 
+    def reset(self) -> Path:
+        """The run's results folder, put back as it was right after step 2 was committed."""
+        results = self.cfg.parent / "run"
+        shutil.rmtree(results)
+        shutil.copytree(self.snapshot, results)
+        return results
+
 
 @pytest.fixture(scope="module")
 def committed_step2(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path) -> Committed:
@@ -101,10 +108,8 @@ def committed_step2(tmp_path_factory: pytest.TempPathFactory, synth_cache: Path)
 def test_write_error_on_one_rank_stops_every_rank(committed_step2: Committed, tmp_path: Path,
                                                   fail_rank: int) -> None:
     cfg = committed_step2.cfg
-    results = cfg.parent / "run"
+    results = committed_step2.reset()
     checkpoints = results / "checkpoints"
-    shutil.rmtree(results)
-    shutil.copytree(committed_step2.snapshot, results)
     assert committed(results) == [STEP2]
     before = hashes(checkpoints / STEP2)
 

@@ -49,6 +49,17 @@ def train(cfg: Path, *overrides: str, **extra_env: str) -> subprocess.CompletedP
                            *overrides], env=env, cwd=cfg.parent, capture_output=True, text=True, timeout=600)
 
 
+def run_yaml(tmp_path: Path, synth_cache: Path, first_stage: bool = True) -> tuple[Path, Path]:
+    """``(results folder, config file)`` of a tiny run in ``tmp_path``, with an untrained first stage
+    written where the config expects one (``first_stage``)."""
+    results = tmp_path / "run"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw(results, synth_cache)))
+    if first_stage:
+        write_untrained_first_stage(build_config(tiny_raw(results, synth_cache)))
+    return results, cfg
+
+
 def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     """Every point of ``tag`` in the event files of ``folder``, in the order they were written
     (nothing purged: a step written twice, or going back, shows)."""
@@ -64,10 +75,7 @@ def scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
 def test_one_tracker_run_across_a_kill_a_restart_and_a_rollback_steps_never_go_back(
     tmp_path: Path, synth_cache: Path
 ) -> None:
-    results = tmp_path / "run"
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_raw(results, synth_cache)))
-    write_untrained_first_stage(build_config(tiny_raw(results, synth_cache)))
+    results, cfg = run_yaml(tmp_path, synth_cache)
     assert build_config(tiny_raw(results, synth_cache)).trainer.log_with == ["tensorboard"], "the default"
 
     first = train(cfg, "model.unet.target=tests.checkpoint.dying_unet.DiesAtForwardUNet",
@@ -166,10 +174,7 @@ def stage_steps(rows: list[dict[str, tp.Any]], key: str) -> list[tuple[int, floa
 def test_a_wandb_run_is_resumed_across_a_kill_and_a_restart_and_its_steps_never_go_back(
     tmp_path: Path, synth_cache: Path
 ) -> None:
-    results = tmp_path / "run"
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_raw(results, synth_cache)))
-    write_untrained_first_stage(build_config(tiny_raw(results, synth_cache)))
+    results, cfg = run_yaml(tmp_path, synth_cache)
     env = offline_wandb(tmp_path)
 
     first = train(cfg, WANDB, "model.unet.target=tests.checkpoint.dying_unet.DiesAtForwardUNet",
@@ -241,9 +246,7 @@ def test_the_first_start_keeps_a_new_wandb_run_id_and_every_later_one_reuses_it(
 @needs_wandb
 @pytest.mark.slow
 def test_a_bad_kept_wandb_run_id_stops_the_run_with_one_line(tmp_path: Path, synth_cache: Path) -> None:
-    results = tmp_path / "run"
-    cfg = tmp_path / "run.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_raw(results, synth_cache)))
+    results, cfg = run_yaml(tmp_path, synth_cache, first_stage=False)
     results.mkdir()
     (results / RUNS_FILE).write_text('{"wandb": "__import__(\'os\')"}')
     done = train(cfg, WANDB, **offline_wandb(tmp_path))
