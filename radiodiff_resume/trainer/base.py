@@ -193,7 +193,7 @@ class Trainer:
                 self.stop()
         bar.close()
         while self.checkpointer.last_saved_step != self.state.step:
-            self.save_checkpoint()
+            self.save_checkpoint(background=False)
         self.checkpointer.settle()  # the last checkpoint is committed before the run ends
         self.checkpointer.ended_cleanly()
         self.sync_buffers()
@@ -260,7 +260,7 @@ class Trainer:
             if self.stop_agreed():  # a signal during the validation: stop before the next step
                 return True
         if self.checkpointer.due(step):
-            self.save_checkpoint()
+            self.save_checkpoint(background=True)
         return outcome.stop
 
     def validation_due(self, step: int) -> bool:
@@ -292,9 +292,10 @@ class Trainer:
         shown = {k.removeprefix("guard/"): v for k, v in guard.items() if v}
         bar.set_postfix(loss=f"{mean:.4g}", lr=f"{lr:.2e}", **shown)
 
-    def save_checkpoint(self, background: bool = True) -> None:
+    def save_checkpoint(self, background: bool = False) -> None:
         """Check the state, then commit it; a state that fails the check is rolled back instead.
-        ``background`` (with ``checkpoint.async_save``): training goes on once the state is copied.
+        ``background`` (with ``checkpoint.async_save``): training goes on once the state is copied;
+        otherwise the checkpoint is committed when this returns.
         The job's clock learns the time from the start of the save to its commit either way."""
         if self.check_state("before save"):
             started = time.perf_counter()

@@ -75,7 +75,7 @@ def test_training_goes_on_while_the_commit_is_under_way(make_cfg: tp.Callable[..
     saved = copy.deepcopy(trainer.state_dict())
     store = gated(trainer)
 
-    trainer.save_checkpoint()
+    trainer.save_checkpoint(background=True)
     step(trainer)  # updates the parameters, the optimizer and the EMA in place
     store.order.append("next step done")
     store.gate.set()
@@ -100,7 +100,7 @@ def test_a_refusal_in_the_writer_reaches_the_next_step(make_cfg: tp.Callable[...
     store = gated(trainer)
     store.gate.set()
 
-    trainer.save_checkpoint()
+    trainer.save_checkpoint(background=True)
     assert wait_for(lambda: trainer.checkpointer.failed), "the writer never reported its refusal"
     assert trainer.wants_stop(), "a failed background save must join the stop agreed at the next step"
     with pytest.raises(HaltError, match="refusing to save step 1: non-finite values in 1 tensor"):
@@ -115,7 +115,7 @@ def test_async_save_false_commits_before_training_goes_on(make_cfg: tp.Callable[
     trainer = trained(make_cfg, "checkpoint.async_save=false")
     store = gated(trainer)
     store.gate.set()
-    trainer.save_checkpoint()
+    trainer.save_checkpoint(background=True)
     assert (trainer.results_folder / "checkpoints" / "step-00000001" / MANIFEST).is_file()
     assert store.order == ["committed"]
 
