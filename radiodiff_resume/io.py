@@ -14,6 +14,7 @@ import os
 import stat
 import threading
 import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from radiodiff_resume.errors import UserError
@@ -154,6 +155,27 @@ def fsync_dir(path: Path) -> None:
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
+    finally:
+        os.close(fd)
+
+
+def fsync_together(paths: tp.Sequence[Path]) -> None:
+    """fsync files and folders at the same time, one thread each: the filesystem commits fsyncs that
+    wait together in one go, where one after the other each waits for a commit of its own."""
+    with ThreadPoolExecutor(max_workers=len(paths) or 1) as pool:
+        list(pool.map(_fsync_path, paths))
+
+
+def _fsync_path(path: Path) -> None:
+    """fsync one file or folder; a failure names it (a failed fsync does not say)."""
+    if path.is_dir():
+        fsync_dir(path)
+        return
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
     finally:
         os.close(fd)
 

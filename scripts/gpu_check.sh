@@ -2,7 +2,9 @@
 # The GPU check, one command, under 8 minutes on a CUDA machine:
 #   1. the GPU-only tests, tests/checkpoint/test_gpu.py (skipped without CUDA): EMA and RNG device
 #      placement after a load, fp16 GradScaler skipped steps under real autocast, bit-exact resume with
-#      trainer.deterministic, host syncs per guarded step on CUDA;
+#      trainer.deterministic, host syncs per guarded step on CUDA; and tests/checkpoint/test_async_save.py
+#      on the GPU (pinned snapshot buffers, the probe enqueued on the training stream, a background
+#      save's checkpoint holding the saved step and verifying on resume);
 #   2. the GPU bench rows, `python -m bench --gpu-only` (device -> host snapshot of the state, verified
 #      save and load against accelerate, guard overhead, host syncs per step), written to a temp file;
 # then prints one table of both. Without a CUDA device it runs nothing, says what it skipped and exits 0.
@@ -15,7 +17,8 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  echo "gpu_check: no CUDA device here, nothing run: skipped the GPU-only tests (tests/checkpoint/test_gpu.py)" \
+  echo "gpu_check: no CUDA device here, nothing run: skipped the GPU-only tests (tests/checkpoint/test_gpu.py," \
+       "tests/checkpoint/test_async_save.py on the GPU)" \
        "and the GPU bench rows (python -m bench --gpu-only)"
   exit 0
 fi
@@ -25,7 +28,7 @@ echo "gpu_check: tests (at most 4 min) ..."
 # cuBLAS reads its workspace setting when its first handle is made: set before the process starts, the
 # bit-exact test does not depend on which test made the first handle.
 CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8} timeout 240 "$PY" -m pytest -q -p no:cacheprovider \
-  tests/checkpoint/test_gpu.py --junitxml "$out/junit.xml" > "$out/tests.log" 2>&1
+  tests/checkpoint/test_gpu.py tests/checkpoint/test_async_save.py --junitxml "$out/junit.xml" > "$out/tests.log" 2>&1
 tests_rc=$?
 echo "gpu_check: bench rows (at most 3.5 min) ..."
 timeout 210 "$PY" -m bench --gpu-only --out "$out/RESULTS.md" > "$out/bench.log" 2>&1

@@ -15,6 +15,7 @@ import datetime as dt
 import functools
 import hashlib
 import logging
+import math
 import typing as tp
 import uuid
 from pathlib import Path
@@ -30,7 +31,6 @@ from radiodiff_resume.checkpoint.files import (
     read_manifest,
     write_component,
     write_components,
-    write_durable,
 )
 from radiodiff_resume.checkpoint.manifest import (
     FileRecord,
@@ -38,7 +38,6 @@ from radiodiff_resume.checkpoint.manifest import (
     ManifestError,
     parse_step,
     probe_from,
-    record_of,
     step_dirname,
 )
 from radiodiff_resume.checkpoint.protocol import Checkpointable
@@ -146,13 +145,15 @@ class Checkpointer:
         is called once it is committed (in the writer thread for a background save).
 
         ``background``: return once the state is copied into host buffers; a writer thread commits it
-        (:meth:`settle` waits for that and raises its error; :attr:`failed` says it failed). Its
-        non-finite check then runs in the writer, on the snapshot: that is exactly what is written,
-        and scanning every tensor on the training thread would block it about as long as the copy.
-        The probe forward stays on the training thread: it needs a module at the saved weights, and
-        in the writer that would be a second copy of the model on the training device, which must
-        compute bit for bit what the resumed module computes. A non-finite probe is refused at once,
-        naming the non-finite tensors when there are any.
+        (:meth:`settle` waits for that and raises its error; :attr:`failed` says it failed). The
+        non-finite check and the probe then run in the writer, on the snapshot: that is exactly what is
+        written, and either on the training thread would block it about as long as the copy. On a CPU
+        run the writer computes the probe with a twin of the model that shares the snapshot's tensors
+        (:meth:`Probe.twin`). On a GPU the probe forward is enqueued on the training stream, which runs
+        it before the next step changes the weights, and the writer reads its value from a pinned
+        buffer: a twin there would be a second copy of the model in device memory, and the probe must
+        be computed on the device that will resume. A non-finite probe is refused like a non-finite
+        tensor.
         """
         self.settle()
         t = self.trainer
@@ -161,18 +162,18 @@ class Checkpointer:
         shared = t.state_dict()
         if self.store.line is None:
             self.store.line = uuid.uuid4().hex
-        manifest, probe_inputs, refusal = None, None, None
-        if self.ranks.is_main:
-            refusal = None if background else self._refusal_to_save(step, shared)
-            if refusal is None:
-                probe_inputs = t.probe_inputs()
-                manifest, refusal = self._manifest(step, probe_inputs, provenance)
-                if refusal is not None and background:
-                    refusal = self._refusal_to_save(step, shared) or refusal
-        refusal = self.ranks.broadcast(refusal)
-        if refusal is not None:
-            raise HaltError(refusal)
+        probe_inputs = t.probe_inputs() if self.ranks.is_main else None
+        scale_factor = t.scale_factor_value()
         if not background:
+            manifest, refusal = None, None
+            if self.ranks.is_main:
+                refusal = self._refusal_to_save(step, shared)
+                if refusal is None:
+                    value = float(t.probe_value(tp.cast(dict, probe_inputs)))
+                    manifest, refusal = self._manifest(step, value, scale_factor, provenance)
+            refusal = self.ranks.broadcast(refusal)
+            if refusal is not None:
+                raise HaltError(refusal)
             path = self.store.save(step, self._shared_files({**shared, "probe": probe_inputs}),
                                    self._own_files(t.rank_state_dict()), manifest)
             self._committed(step, path)
@@ -180,14 +181,30 @@ class Checkpointer:
             self.ended_cleanly()  # progress: no checkpoint is suspect any more
             return path
         ranks = self.ranks.background()
-        trees = {**shared, "probe": probe_inputs}
-        shared_copy = self._shared_buffers.snapshot(trees) if ranks.is_main else {}
+        probe_of, shared_copy, probe_copy = None, {}, None
+        if ranks.is_main:
+            on_device = t.accelerator.device.type != "cpu"
+            probe_of = None if on_device else t.probe_later()
+            probe_value = t.probe_value(tp.cast(dict, probe_inputs)) if on_device else None
+            snapshot = self._shared_buffers.snapshot({"state": {**shared, "probe": probe_inputs},
+                                                      "probe_value": probe_value})
+            shared_copy, probe_copy = snapshot["state"], snapshot["probe_value"]
         own_copy = self._rank_buffers.snapshot(t.rank_state_dict())
+        threads = torch.get_num_threads()
 
         def commit() -> None:
             self._shared_buffers.ready()
             self._rank_buffers.ready()
-            refusal = self._refusal_to_save(step, shared_copy) if ranks.is_main else None
+            manifest, refusal = None, None
+            if ranks.is_main:
+                refusal = self._refusal_to_save(step, shared_copy)
+                if refusal is None:
+                    if probe_of is not None:
+                        torch.set_num_threads(threads)  # the same reductions as the training thread's
+                        value = probe_of(shared_copy["model"], tp.cast(dict, probe_inputs))
+                    else:
+                        value = tp.cast(torch.Tensor, probe_copy)
+                    manifest, refusal = self._manifest(step, float(value), scale_factor, provenance)
             refusal = ranks.broadcast(refusal)
             if refusal is not None:
                 raise HaltError(refusal)
@@ -235,11 +252,7 @@ class Checkpointer:
     def _shared_files(self, trees: dict[str, tp.Any]) -> tp.Callable[[Path], dict[str, FileRecord]]:
         config = self.trainer.config_yaml.encode()
 
-        def write(folder: Path) -> dict[str, FileRecord]:
-            write_durable(folder / CONFIG_FILE, config)
-            return {CONFIG_FILE: record_of(config), **write_components(folder, trees)}
-
-        return write
+        return lambda folder: write_components(folder, trees, {CONFIG_FILE: config})
 
     def _own_files(self, tree: dict[str, tp.Any]) -> tp.Callable[[Path], dict[str, FileRecord]]:
         return lambda folder: write_component(folder, rank_component(self.ranks.rank), tree)
@@ -269,12 +282,11 @@ class Checkpointer:
             "trainer.mixed_precision=bf16 if this repeats."
         )
 
-    def _manifest(
-        self, step: int, probe_inputs: dict[str, torch.Tensor], provenance: tp.Sequence[str]
-    ) -> tuple[Manifest | None, str | None]:
+    def _manifest(self, step: int, value: float, scale_factor: float | None,
+                  provenance: tp.Sequence[str]) -> tuple[Manifest | None, str | None]:
+        """The manifest of ``step`` whose state computes the probe ``value``, or why it is refused."""
         t = self.trainer
-        value = float(t.probe_value(probe_inputs))
-        if not torch.isfinite(torch.tensor(value)):
+        if not math.isfinite(value):
             self.events.emit("save_refused", stage=t.stage, step=step, probe=repr(value))
             return None, (f"{t.stage}: refusing to save step {step}: the state computes a non-finite "
                           f"probe ({value!r}) although every tensor is finite; the previous checkpoints "
@@ -282,7 +294,7 @@ class Checkpointer:
         probe = probe_from(value, t.probe_dtype(), fingerprint(t.accelerator.device))
         manifest = Manifest(
             step=step, stage=t.stage, world_size=self.ranks.world, line=tp.cast(str, self.store.line),
-            config_hash=t.config_hash, scale_factor=t.scale_factor_value(), probe=probe,
+            config_hash=t.config_hash, scale_factor=scale_factor, probe=probe,
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             versions=library_versions(), provenance=list(provenance),
         )

@@ -2,8 +2,10 @@
 
 Saving serialises a component to bytes, hashes those bytes, writes them and fsyncs;
 loading reads a file once, hashes what was read and decodes the same buffer. There is
-no second read that could see other bytes than the ones the hash vouched for, and no
-loaded tensor points into a file mapping that a later write could change.
+no second read that could see other bytes than the ones the hash vouched for. A file whose
+tensors are only copied out (the model's, the EMA's) may be memory-mapped instead and hashed
+through the mapping, saving the copy a read makes; see :func:`_map_hashed` for what a process
+that truncates or rewrites such a file during the load can do.
 
 The hash is XXH3-128 (:data:`~radiodiff_resume.checkpoint.manifest.HASH`): on one core it runs
 several times faster than SHA-256, so reading, not hashing, bounds a load. It detects corruption;
@@ -12,10 +14,13 @@ it is not a signature.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import mmap
 import os
 import stat
+import threading
 import typing as tp
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,17 +34,23 @@ from radiodiff_resume.checkpoint.manifest import (
     MANIFEST,
     MAX_MANIFEST_BYTES,
     FileRecord,
+    Hasher,
     Manifest,
     ManifestError,
     hasher,
-    record_of,
 )
 
 Blob = np.ndarray
 """A file's bytes as a writable uint8 array: tensors decoded from it are views of it, not copies."""
 NOTHING: Blob = np.empty(0, dtype=np.uint8)
 READ_THREADS = 4
+IOV_MAX = os.sysconf("SC_IOV_MAX")
+"""Most buffers one ``writev`` takes."""
+WRITE_BATCH = 8 << 20
+"""Bytes hashed, then written, per ``writev``: the hash reads them while they are still in cache."""
 READ_CHUNK = 8 << 20
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+"""Linux's number for it (the mmap module names it from Python 3.13 on)."""
 MAX_HEADER = 100 << 20
 """The safetensors library's own limit on a header."""
 MAX_DEPTH = 32
@@ -51,13 +62,15 @@ class CheckpointCorrupt(Exception):
     """A checkpoint's files are not what its manifest recorded, or cannot be decoded."""
 
 
-def write_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` and fsync it; a failure names the file."""
+def write_durable(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write ``data`` to ``path`` and fsync it (``sync=False``: the caller fsyncs it, together with
+    others); a failure names the file."""
     try:
         with path.open("wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
     except OSError as exc:
         raise _named(exc, path) from exc
 
@@ -65,21 +78,48 @@ def write_durable(path: Path, data: bytes) -> None:
 def write_component(folder: Path, name: str, tree: tp.Any) -> dict[str, FileRecord]:
     """Write and fsync ``name.json`` (structure) and, if the tree holds tensors, ``name.safetensors``;
     their records come from the bytes as they are written."""
-    structure, tensors = encode(tree)
-    data = json.dumps(structure, sort_keys=True).encode()
-    write_durable(folder / f"{name}.json", data)
-    records = {f"{name}.json": record_of(data)}
-    if tensors:
-        path = folder / f"{name}.safetensors"
-        records[path.name] = write_safetensors(path, tensors, {"component": name})
+    return write_components(folder, {name: tree})
+
+
+def write_components(folder: Path, trees: tp.Mapping[str, tp.Any],
+                     files: tp.Mapping[str, bytes] | None = None) -> dict[str, FileRecord]:
+    """:func:`write_component` for each tree, and each of ``files`` (name → bytes) as it is.
+
+    Each file's bytes are laid out on the calling thread (encoding is Python work that holds the GIL),
+    then hashed, written and fsynced in a thread of its own that starts at once, doing next to no
+    Python work, while the next file is laid out. So the fsyncs of a save wait at the same time and
+    the filesystem commits them together, where one after the other each would wait for a journal
+    commit of its own: the fixed cost that dominated a small checkpoint. Returns once every file is on
+    disk, or raises the first error after every thread ended."""
+    records: dict[str, FileRecord] = {}
+    errors: list[BaseException] = []
+    threads: list[threading.Thread] = []
+
+    def write(path: Path, chunks: list[memoryview]) -> None:
+        try:
+            records[path.name] = write_hashed(path, chunks)
+        except BaseException as exc:  # raised below, on the caller's thread
+            errors.append(exc)
+
+    def start(path: Path, chunks: list[memoryview]) -> None:
+        threads.append(threading.Thread(target=write, args=(path, chunks),
+                                        name=f"checkpoint-write-{path.name}"))
+        threads[-1].start()
+
+    try:
+        for name, data in (files or {}).items():
+            start(folder / name, [memoryview(data)])
+        for name, tree in trees.items():
+            structure, tensors = encode(tree)
+            if tensors:
+                start(folder / f"{name}.safetensors", safetensors_chunks(tensors, {"component": name}))
+            start(folder / f"{name}.json", [memoryview(json.dumps(structure, sort_keys=True).encode())])
+    finally:
+        for thread in threads:
+            thread.join()
+    if errors:
+        raise errors[0]
     return records
-
-
-def write_components(folder: Path, trees: tp.Mapping[str, tp.Any]) -> dict[str, FileRecord]:
-    """:func:`write_component` for each tree, in threads (writing and hashing release the GIL)."""
-    with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(trees) or 1)) as pool:
-        parts = list(pool.map(lambda item: write_component(folder, *item), trees.items()))
-    return {name: record for part in parts for name, record in part.items()}
 
 
 SAFETENSORS_DTYPES = {
@@ -95,6 +135,11 @@ def write_safetensors(
 ) -> FileRecord:
     """The safetensors format, streamed from each (contiguous, CPU) tensor's own memory and hashed on
     the way: no serialised copy of the whole file in memory. It is read back by the safetensors library."""
+    return write_hashed(path, safetensors_chunks(tensors, metadata))
+
+
+def safetensors_chunks(tensors: tp.Mapping[str, torch.Tensor], metadata: dict[str, str]) -> list[memoryview]:
+    """A safetensors file as the buffers it is made of: its header, then each tensor's own memory."""
     unknown = sorted(k for k, t in tensors.items() if t.dtype not in SAFETENSORS_DTYPES)
     if unknown:
         raise CodecError(f"cannot store tensor '{unknown[0]}' of dtype {tensors[unknown[0]].dtype}")
@@ -109,20 +154,56 @@ def write_safetensors(
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    chunks = [len(head).to_bytes(8, "little"), head,
-              *(memoryview(tensors[k].reshape(-1).view(torch.uint8).numpy()) for k in order)]
-    digest, size = hasher(HASH), 0
+    return [memoryview(len(head).to_bytes(8, "little") + head), *(_memory_of(tensors[k]) for k in order)]
+
+
+def _memory_of(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's bytes, not copied: through numpy where it knows the dtype (several times
+    faster than torch's reshape and view, which counts with hundreds of tensors), else through uint8."""
     try:
-        with path.open("wb") as f:
-            for chunk in chunks:
-                digest.update(chunk)
-                f.write(chunk)
-                size += len(chunk)
-            f.flush()
+        return memoryview(tensor.numpy()).cast("B")
+    except TypeError:  # bfloat16, float8 (no numpy dtype) and empty tensors
+        return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_hashed(path: Path, chunks: list[memoryview]) -> FileRecord:
+    """Write ``chunks`` one after the other to ``path``, hashed on the way, and fsync it; a failure
+    names the file."""
+    digest = hasher(HASH)
+    try:
+        with path.open("wb", buffering=0) as f:
+            size = _write_hashed(f.fileno(), chunks, digest)
             os.fsync(f.fileno())
     except OSError as exc:
         raise _named(exc, path) from exc
     return FileRecord(digest=digest.hexdigest(), bytes=size, algorithm=HASH)
+
+
+def _write_hashed(fd: int, chunks: list[memoryview], digest: Hasher) -> int:
+    """Hash and write every chunk, in order, a batch of up to :data:`IOV_MAX` buffers and about
+    :data:`WRITE_BATCH` bytes per ``writev`` (hashed just before, while in cache): few system calls
+    matter because each one gives up the GIL, and taking it back can wait for the thread that
+    encodes the next files. A short write goes on where it stopped."""
+    views = [c for c in chunks if len(c)]
+    first, written = 0, 0
+    while first < len(views):
+        last, batch = first, 0
+        while last < len(views) and last - first < IOV_MAX and (batch < WRITE_BATCH or last == first):
+            batch += len(views[last])
+            last += 1
+        for view in views[first:last]:
+            digest.update(view)
+        while first < last:
+            n = os.writev(fd, views[first:last])
+            if not n:
+                raise OSError(errno.EIO, "the write made no progress")
+            written += n
+            while first < last and n >= len(views[first]):
+                n -= len(views[first])
+                first += 1
+            if n:
+                views[first] = views[first][n:]
+    return written
 
 
 def _named(exc: OSError, path: Path) -> OSError:
@@ -162,13 +243,17 @@ def listing_problems(folder: Path, manifest: Manifest) -> list[str]:
 
 
 def read_files(
-    folder: Path, records: tp.Mapping[str, FileRecord], names: tp.Iterable[str]
+    folder: Path, records: tp.Mapping[str, FileRecord], names: tp.Iterable[str],
+    mapped: tp.Collection[str] = (),
 ) -> dict[str, Blob]:
     """Read each named file once and check it against its record (threads: hashing releases the GIL;
-    the largest files start first, so that no thread is left alone with a big one at the end)."""
+    the largest files start first, so that no thread is left alone with a big one at the end).
+
+    The files named in ``mapped`` are memory-mapped instead (:func:`_map_hashed`): for a file whose
+    tensors are only copied out of it, mapping skips the copy into memory of our own that reading makes."""
     names = list(names)
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, len(names) or 1)) as pool:
-        started = {n: pool.submit(_read_checked, folder / n, records[n])
+        started = {n: pool.submit(_read_checked, folder / n, records[n], n in mapped)
                    for n in sorted(names, key=lambda n: -records[n].bytes)}
         results = [started[n].result() for n in names]
     problems = [problem for _, problem in results if problem]
@@ -177,30 +262,81 @@ def read_files(
     return {name: data for name, (data, _) in zip(names, results, strict=True)}
 
 
-def _read_checked(path: Path, record: FileRecord) -> tuple[Blob, str | None]:
-    """The file's bytes, read once into memory we own (not zero-filled first) and hashed as they
-    arrive, with the hash the record names."""
-    data = np.empty(record.bytes, dtype=np.uint8)
-    view, digest, got = memoryview(data), hasher(record.algorithm), 0
+def _read_checked(path: Path, record: FileRecord, mapped: bool = False) -> tuple[Blob, str | None]:
+    """The file's bytes, hashed with the hash the record names as they are read: read once into memory
+    we own (not zero-filled first), or (``mapped``) mapped; a problem instead names the file.
+
+    It is opened without following a symlink and without blocking on a FIFO, and only a regular file
+    of the recorded size is read: the size comes from the opened file itself, not from a listing that
+    could have changed since."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block us
-        with os.fdopen(fd, "rb", buffering=0) as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return NOTHING, f"{path.name} is not a regular file"
-            while got < record.bytes:
-                n = f.readinto(view[got:got + READ_CHUNK])
-                if not n:
-                    break
-                digest.update(view[got:got + n])
-                got += n
-            extra = len(f.read(1)) if got == record.bytes else 0
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         return NOTHING, f"{path.name} unreadable ({exc.strerror or exc})"
-    if got != record.bytes or extra:
-        return NOTHING, f"{path.name} has {'more' if extra else got} bytes, manifest says {record.bytes}"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            return NOTHING, f"{path.name} is not a regular file"
+        if info.st_size != record.bytes:
+            return NOTHING, f"{path.name} has {info.st_size} bytes, manifest says {record.bytes}"
+        digest = hasher(record.algorithm)
+        data, got = (_map_hashed(fd, record.bytes, digest) if mapped and record.bytes
+                     else _read_hashed(fd, record.bytes, digest))
+    except OSError as exc:
+        return NOTHING, f"{path.name} unreadable ({exc.strerror or exc})"
+    finally:
+        os.close(fd)
+    if got != record.bytes:
+        count = "more" if got > record.bytes else got
+        return NOTHING, f"{path.name} has {count} bytes, manifest says {record.bytes}"
     if digest.hexdigest() != record.digest:
         return NOTHING, f"{path.name} {record.algorithm} mismatch (content changed after the save)"
     return data, None
+
+
+def _read_hashed(fd: int, size: int, digest: Hasher) -> tuple[Blob, int]:
+    """``size`` bytes read from ``fd`` into a new buffer, each chunk hashed right after it is read; the
+    count read, one more if the file holds more than ``size``."""
+    data = np.empty(size, dtype=np.uint8)
+    view, got = memoryview(data), 0
+    with os.fdopen(fd, "rb", buffering=0, closefd=False) as f:
+        while got < size:
+            n = f.readinto(view[got:got + READ_CHUNK])
+            if not n:
+                return data, got
+            digest.update(view[got:got + n])
+            got += n
+        return data, got + len(f.read(1))
+
+
+def _map_hashed(fd: int, size: int, digest: Hasher) -> tuple[Blob, int]:
+    """The first ``size`` bytes of ``fd`` (its size, checked on the open file) mapped copy-on-write, so
+    that a write through a tensor never reaches the file, and hashed through the mapping.
+
+    The tensors decoded from it read the file's pages, so they see the hashed bytes only while nobody
+    writes the file. This code never writes a committed checkpoint's files (a save writes a new folder
+    and renames it; deleting a mapped file leaves the mapping intact). Another process that truncates
+    the file before ``load_state_dict`` has copied the tensors out kills the loading process with
+    SIGBUS: a crash before any step, and a later resume finds the file's size wrong and quarantines
+    the checkpoint. One that rewrites it in place with as many bytes in that window could change what
+    is loaded, unnoticed unless the probe depends on it. Reading a page that fails (an I/O error) shows
+    while the pages are brought in, before hashing (Linux ≥ 5.14; before, it kills the process too):
+    the file is then read instead, and the error fails the checkpoint as a read's would."""
+    try:
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    except OSError:  # no memory left to commit, or a filesystem that cannot map: not the file's fault
+        return _read_hashed(fd, size, digest)
+    try:  # every page in at once (Linux ≥ 5.14; before, one fault at a time)
+        mapping.madvise(MADV_POPULATE_READ)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a page that cannot be read (an I/O error): reading says which
+            mapping.close()
+            return _read_hashed(fd, size, digest)
+    view = memoryview(mapping)
+    for start in range(0, size, READ_CHUNK):
+        digest.update(view[start:start + READ_CHUNK])
+    view.release()
+    return np.frombuffer(mapping, dtype=np.uint8), size
 
 
 def read_safetensors(data: Blob) -> dict[str, torch.Tensor]:

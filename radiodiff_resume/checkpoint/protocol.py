@@ -17,6 +17,10 @@ from torch import nn
 from radiodiff_resume.checkpoint.manifest import Manifest
 from radiodiff_resume.config import LoopConfig
 
+Tensors = tp.Mapping[str, torch.Tensor]
+ProbeOf = tp.Callable[[Tensors, Tensors], torch.Tensor]
+"""``(model_state, inputs) -> probe``: the probe of the model holding ``model_state``."""
+
 
 class Counters(tp.Protocol):
     step: int
@@ -52,6 +56,12 @@ class Checkpointable(tp.Protocol):
     def probe_inputs(self) -> dict[str, torch.Tensor]: ...
 
     def probe_value(self, inputs: tp.Mapping[str, torch.Tensor]) -> torch.Tensor: ...
+
+    def probe_later(self) -> ProbeOf:
+        """On the training thread: ready a function ``(model_state, inputs) -> probe`` that computes, on
+        any thread, the probe of the model holding ``model_state`` (a CPU snapshot of
+        ``state_dict()["model"]``) without touching the training module."""
+        ...
 
     def probe_dtype(self) -> str: ...
 

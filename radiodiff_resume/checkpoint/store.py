@@ -4,8 +4,9 @@ Commit protocol (every rank calls :meth:`CheckpointStore.save`; each phase ends 
 ranks learning whether any rank failed, so a failure never leaves another rank waiting):
 
 1. rank 0 makes a fresh staging folder;
-2. every rank writes and fsyncs its own files, hashed from the bytes written;
-3. rank 0 writes the shared files, then ``manifest.json`` last, fsyncs, renames the folder
+2. every rank writes and fsyncs its own files, hashed from the bytes written; rank 0 writes the
+   shared files at the same time;
+3. rank 0 writes ``manifest.json`` last, fsyncs it and the staging folder, renames the folder
    into place, fsyncs the parent;
 4. only then retention (rank 0): a checkpoint is retired by renaming it out of the
    ``step-*`` namespace first, then deleted, so a kill never leaves a half-deleted
@@ -30,6 +31,7 @@ import logging
 import os
 import shutil
 import typing as tp
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from radiodiff_resume.checkpoint.files import read_manifest, write_durable
@@ -43,7 +45,7 @@ from radiodiff_resume.checkpoint.manifest import (
 )
 from radiodiff_resume.dist import Ranks
 from radiodiff_resume.errors import HaltError, UserError
-from radiodiff_resume.io import fsync_dir
+from radiodiff_resume.io import fsync_dir, fsync_together
 
 logger = logging.getLogger(__name__)
 
@@ -205,20 +207,21 @@ class CheckpointStore:
         """Commit a checkpoint of ``step`` (every rank calls this).
 
         ``shared`` (rank 0 only) and ``own`` (each rank) write their files into the folder they are
-        given and return the records; an error while serialising is caught and agreed like a
-        write error. ``manifest`` is used on rank 0 only. ``ranks``: who agrees on each phase (the
-        writer thread passes :meth:`Ranks.background`); the store's own by default.
+        given and return the records once the files are fsynced (rank 0 runs the two at the same
+        time); an error while serialising is caught and agreed like a write error. ``manifest`` is
+        used on rank 0 only. ``ranks``: who agrees on each phase (the writer thread passes
+        :meth:`Ranks.background`); the store's own by default.
         """
         ranks = ranks or self.ranks
         final = self.folder / step_dirname(step)
         staging = self.folder / f".staging-{step_dirname(step)}"
         self._phase(ranks, step, staging, lambda: self._prepare(staging) if ranks.is_main else None)
-        gathered = self._phase(ranks, step, staging, lambda: own(staging))
+        gathered = self._phase(ranks, step, staging,
+                               lambda: _together(own, shared, staging) if ranks.is_main else own(staging))
         if ranks.is_main:
             assert manifest is not None
-            rank_records: dict[str, FileRecord] = {k: v for records in gathered for k, v in records.items()}
-            self._phase(ranks, step, staging,
-                        lambda: self._commit(staging, final, shared, rank_records, manifest))
+            manifest.files = {k: v for records in gathered for k, v in records.items()}
+            self._phase(ranks, step, staging, lambda: self._commit(staging, final, manifest))
             self._lines[final.name] = manifest.line
             self.apply_retention()
         else:
@@ -254,12 +257,12 @@ class CheckpointStore:
             f"permissions of {self.folder}, ...), then run the same command to resume."
         ) from caught
 
-    def _commit(self, staging: Path, final: Path, shared: tp.Callable[[Path], dict[str, FileRecord]],
-                rank_records: dict[str, FileRecord], manifest: Manifest) -> None:
-        manifest.files = {**rank_records, **shared(staging)}
+    def _commit(self, staging: Path, final: Path, manifest: Manifest) -> None:
+        """Every file is on disk already; the manifest and the staging folder's entries are fsynced at
+        once, then the rename, then the parent's fsync: only then is the checkpoint committed."""
         manifest.world_size = self.ranks.world
-        write_durable(staging / MANIFEST, manifest.to_json().encode())
-        fsync_dir(staging)
+        write_durable(staging / MANIFEST, manifest.to_json().encode(), sync=False)
+        fsync_together([staging / MANIFEST, staging])
         self._set_aside_foreign(final)
         if final.exists():
             old = final.with_name(f".replaced-{final.name}")
@@ -271,7 +274,7 @@ class CheckpointStore:
             self._retire(old)
         else:
             os.replace(staging, final)
-        fsync_dir(self.folder)
+            fsync_dir(self.folder)
 
     def apply_retention(self) -> list[Path]:
         """Delete this line's checkpoints beyond ``keep_last`` (never below 2, never a protected one).
@@ -308,6 +311,15 @@ class CheckpointStore:
         fsync_dir(self.folder)
         self._lines.pop(name, None)
         shutil.rmtree(retired)
+
+
+def _together(own: tp.Callable[[Path], dict[str, FileRecord]],
+              shared: tp.Callable[[Path], dict[str, FileRecord]], staging: Path) -> dict[str, FileRecord]:
+    """Rank 0's own files and the shared ones, written at the same time (their fsyncs overlap)."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        theirs = pool.submit(shared, staging)
+        mine = own(staging)
+        return {**mine, **theirs.result()}
 
 
 def _foreign(path: Path) -> str:

@@ -59,6 +59,13 @@ RUNNING_STATS = (".running_mean", ".running_var")
 NONNEGATIVE = (".exp_avg_sq", ".max_exp_avg_sq", ".running_var")
 """Second moments and variances: a negative entry is as impossible as a NaN (its square root is one)."""
 CONFIG_FILE = "config.yaml"
+MAPPED = frozenset({"model.safetensors", "ema.safetensors"})
+"""Files mapped rather than read (:func:`~radiodiff_resume.checkpoint.files.read_files`): the model's and the
+EMA's tensors are only copied out, by their ``load_state_dict`` (the module's ``copy_``, the EMA's deep copy),
+so mapping saves the copy that reading makes.
+The optimizer's are read: ``Optimizer.load_state_dict`` keeps the very tensors it is given, and training
+would then write into pages of the file's mapping (copied one at a time on the first write, slower than
+reading, and tied to the file until then)."""
 
 
 @dataclass
@@ -140,7 +147,7 @@ def open_checkpoint(path: Path, stage: str, rank: int | None = None) -> Checkpoi
         raise CheckpointCorrupt("; ".join(problems))
     wanted = [n for n in manifest.files
               if not n.startswith("rank-") or rank is None or n.startswith(rank_component(rank) + ".")]
-    blobs = read_files(path, manifest.files, wanted)
+    blobs = read_files(path, manifest.files, wanted, mapped=MAPPED)
     shared = {c: decode_component(blobs, c) for c in (*REQUIRED, *OPTIONAL) if f"{c}.json" in blobs}
     ranks = {r: decode_component(blobs, rank_component(r)) for r in range(manifest.world_size)
              if f"{rank_component(r)}.json" in blobs}

@@ -268,11 +268,11 @@ class Doctor:
         manifest last, rename), then verified by the trainer; removed again if it does not verify."""
         from radiodiff_resume.checkpoint.environment import fingerprint, library_versions
         from radiodiff_resume.checkpoint.files import write_components, write_durable
-        from radiodiff_resume.checkpoint.manifest import MANIFEST, Manifest, probe_from, record_of
+        from radiodiff_resume.checkpoint.manifest import MANIFEST, Manifest, probe_from
         from radiodiff_resume.checkpoint.store import stamp
         from radiodiff_resume.checkpoint.verify import CONFIG_FILE, nonfinite_names
         from radiodiff_resume.errors import UserError
-        from radiodiff_resume.io import fsync_dir
+        from radiodiff_resume.io import fsync_dir, fsync_together
 
         shared = trainer.state_dict()
         bad = nonfinite_names({k: shared[k] for k in ("model", "ema", "optimizer") if k in shared})
@@ -295,12 +295,12 @@ class Doctor:
         staging.mkdir()
         try:
             config = (self.path / CONFIG_FILE).read_bytes()
-            write_durable(staging / CONFIG_FILE, config)
             ranks = {n: r for n, r in old.files.items() if n.startswith("rank-")}
             for name in ranks:
                 shutil.copyfile(self.path / name, staging / name)
-            manifest.files = {CONFIG_FILE: record_of(config), **ranks,
-                              **write_components(staging, {**shared, "probe": probe_inputs})}
+            fsync_together([staging / name for name in ranks])
+            manifest.files = {**ranks, **write_components(staging, {**shared, "probe": probe_inputs},
+                                                          {CONFIG_FILE: config})}
             write_durable(staging / MANIFEST, manifest.to_json().encode())
             fsync_dir(staging)
             os.replace(staging, final)

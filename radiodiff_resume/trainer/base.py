@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from radiodiff_resume.checkpoint.checkpointer import Checkpointer
 from radiodiff_resume.checkpoint.manifest import Manifest
+from radiodiff_resume.checkpoint.protocol import ProbeOf
 from radiodiff_resume.config import CheckpointConfig, Config, GuardConfig, LoopConfig, to_dict, to_yaml
 from radiodiff_resume.data.stream import BatchStream
 from radiodiff_resume.dist import Ranks
@@ -411,6 +412,10 @@ class Trainer:
 
     def probe_value(self, inputs: tp.Mapping[str, torch.Tensor]) -> torch.Tensor:
         return self.probe.value(self.unwrapped, inputs)
+
+    def probe_later(self) -> ProbeOf:
+        self.probe.twin(self.unwrapped)
+        return self.probe.value_of
 
     def probe_dtype(self) -> str:
         return self.probe.dtype()

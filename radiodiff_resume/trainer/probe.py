@@ -5,6 +5,7 @@ is caught. The stage says what the inputs and the scalar are (``make_inputs``, `
 
 from __future__ import annotations
 
+import copy
 import typing as tp
 
 import torch
@@ -12,6 +13,7 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import Dataset
 
+from radiodiff_resume.checkpoint.protocol import Tensors
 from radiodiff_resume.guard.sanitize import finite_batch
 from radiodiff_resume.trainer.state import derive_seed
 
@@ -34,6 +36,8 @@ class Probe:
         self.make_inputs = make_inputs
         self.function = function
         self._inputs: dict[str, torch.Tensor] | None = None
+        self._on_device: dict[str, torch.Tensor] | None = None
+        self._twin: nn.Module | None = None
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """What the probe runs on: the first validation samples and fixed noise (CPU tensors).
@@ -54,14 +58,44 @@ class Probe:
         return {"fp16": "float16", "bf16": "bfloat16"}.get(self.accelerator.mixed_precision, "float32")
 
     def value(self, module: nn.Module, inputs: tp.Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """The probe of ``module``'s current state on ``inputs``, in eval mode under the run's autocast."""
+        """The probe of ``module``'s current state on ``inputs``, in eval mode under the run's autocast.
+        No host sync on a GPU: the stored inputs are kept on the device after their first use (a copy
+        from pageable memory would wait for the stream), and the value stays on the device."""
         was_training = module.training
         module.eval()
-        on_device = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
         with torch.no_grad(), self.accelerator.autocast():
-            value = self.function(module, on_device).double()
+            value = self.function(module, self._device_inputs(inputs)).double()
         module.train(was_training)
         return value
+
+    def twin(self, module: nn.Module) -> nn.Module:
+        """A second instance of ``module`` whose state is assigned, not copied, by :meth:`value_of`:
+        made once by a deep copy in which every tensor of the state is an empty meta tensor, so it
+        costs no memory for the state. Call it on the training thread (it reads ``module``)."""
+        if self._twin is None:
+            memo: dict[int, tp.Any] = {}
+            for tensor in module.state_dict(keep_vars=True).values():
+                empty = torch.empty_like(tensor, device="meta")
+                if isinstance(tensor, nn.Parameter):
+                    empty = nn.Parameter(empty, requires_grad=tensor.requires_grad)
+                memo[id(tensor)] = empty
+            self._twin = copy.deepcopy(module, memo).eval()
+        return self._twin
+
+    def value_of(self, state: Tensors, inputs: Tensors) -> torch.Tensor:
+        """The probe of the twin holding ``state`` (a CPU snapshot of the module's ``state_dict``,
+        whose tensors it then shares): what :meth:`value` gives on a module loaded with ``state``,
+        computed off the training thread while the module itself trains on. CPU runs only."""
+        twin = tp.cast(nn.Module, self._twin)
+        twin.load_state_dict(state, assign=True)
+        return self.value(twin, inputs)
+
+    def _device_inputs(self, inputs: tp.Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if inputs is not self._inputs:
+            return {k: v.to(self.accelerator.device) for k, v in inputs.items()}
+        if self._on_device is None:
+            self._on_device = {k: v.to(self.accelerator.device) for k, v in inputs.items()}
+        return self._on_device
 
 
 def finite_samples(dataset: Dataset, n: int) -> list[dict[str, tp.Any]]:

@@ -24,7 +24,8 @@ def test_gpu_check_on_a_cpu_machine_exits_0_and_says_what_it_skipped() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == (
         "gpu_check: no CUDA device here, nothing run: skipped the GPU-only tests "
-        "(tests/checkpoint/test_gpu.py) and the GPU bench rows (python -m bench --gpu-only)")
+        "(tests/checkpoint/test_gpu.py, tests/checkpoint/test_async_save.py on the GPU) "
+        "and the GPU bench rows (python -m bench --gpu-only)")
 
 
 def test_bench_gpu_rows_are_refused_without_cuda_in_one_line() -> None:

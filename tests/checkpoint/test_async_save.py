@@ -14,6 +14,7 @@ import typing as tp
 import pytest
 import torch
 
+from radiodiff_resume.checkpoint.files import read_manifest
 from radiodiff_resume.checkpoint.manifest import MANIFEST
 from radiodiff_resume.checkpoint.store import CheckpointStore
 from radiodiff_resume.config import Config
@@ -88,6 +89,44 @@ def test_training_goes_on_while_the_commit_is_under_way(make_cfg: tp.Callable[..
     for name in ("model", "ema", "optimizer", "train_state", "data"):
         assert tensor_equal_trees(on_disk[name], saved[name]), f"{name}: not the state of the saved step"
     assert not tensor_equal_trees(saved["model"], trainer.state_dict()["model"]), "the step changed nothing"
+
+
+def test_the_probe_runs_off_the_training_thread(make_cfg: tp.Callable[..., Config]) -> None:
+    """On a CPU run the writer computes the probe with a twin of the model holding the snapshot, after
+    the next step changed the module; on a GPU (scripts/gpu_check.sh) the forward is enqueued on the
+    training stream before that step. Either way the manifest holds the saved state's probe bit for
+    bit, which a resume then verifies."""
+    cfg = make_cfg(*FAST, "trainer.train_num_steps=6")
+    write_random_first_stage(cfg)
+    trainer = build(cfg)
+    trainer.restore()
+    step(trainer)
+    results = trainer.results_folder
+    saved = float(trainer.probe_value(trainer.probe_inputs()))
+    real, threads, stepped = trainer.probe.function, [], threading.Event()
+
+    def recording(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        threads.append(threading.current_thread().name)
+        if threading.current_thread() is not threading.main_thread():
+            assert stepped.wait(GATE_S), "the next step never ended"
+        return real(module, inputs)
+
+    trainer.probe.function = recording
+    store = gated(trainer)
+    store.gate.set()
+    trainer.save_checkpoint(background=True)
+    step(trainer)
+    stepped.set()
+    trainer.checkpointer.settle()
+    trainer.probe.function = real
+
+    on_cpu = trainer.accelerator.device.type == "cpu"
+    assert threads == ["checkpoint-writer-ldm-1" if on_cpu else "MainThread"], f"the probe ran on {threads}"
+    assert float(trainer.probe_value(trainer.probe_inputs())) != saved, "the step changed nothing"
+    assert read_manifest(results / "checkpoints" / "step-00000001").probe.loss == saved
+    again = build(cfg)
+    assert again.restore() is not None and again.state.step == 1
+    assert again.checkpointer.verified is not None and again.checkpointer.verified.levels["probe"].ok
 
 
 def test_a_refusal_in_the_writer_reaches_the_next_step(make_cfg: tp.Callable[..., Config]) -> None:

@@ -387,11 +387,11 @@ def test_an_io_error_while_reading_is_damage_and_the_older_checkpoint_is_resumed
 
     def fdopen(fd: int, *args: tp.Any, **kwargs: tp.Any) -> tp.Any:
         f = real_fdopen(fd, *args, **kwargs)
-        failing = os.readlink(f"/proc/self/fd/{fd}").endswith(f"{STEP4}/model.safetensors")
+        failing = os.readlink(f"/proc/self/fd/{fd}").endswith(f"{STEP4}/optimizer.safetensors")
         return FailingRead(f) if failing else f
 
     monkeypatch.setattr(files.os, "fdopen", fdopen)
     trainer = build(run_cfg())
     assert trainer.checkpointer.resume() == run / "checkpoints" / STEP2
     [moved] = quarantined(run)
-    assert "model.safetensors unreadable (Input/output error)" in reason(moved)
+    assert "optimizer.safetensors unreadable (Input/output error)" in reason(moved)
