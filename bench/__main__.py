@@ -114,7 +114,7 @@ def _value(value: float | None, unit: str) -> str:
     if value is None:
         return "–"
     if unit != "s":
-        return f"{value:g} {unit}"
+        return f"{value:.3g} {unit}"
     return f"{value * 1e3:.1f} ms" if value < 10 else f"{value:.1f} s"
 
 
@@ -134,8 +134,9 @@ def headline(runs: list[Run], mode: str, command: str, started: dt.datetime, tot
         "",
         f"- started: {started.isoformat(timespec='seconds')}",
         f"- machine: {platform.platform()}, {cpu_model()}, {os.cpu_count()} CPU cores; device: {device}",
-        f"- 1-minute load average: {loads[0]:.2f} at the start, {loads[1]:.2f} at the end (above the number "
-        "of cores, other processes competed; each section gives its own figures and ratios of minimums)",
+        f"- 1-minute load average: {loads[0]:.2f} at the start, {loads[1]:.2f} at the end ({os.cpu_count()} "
+        "cores; a load above that means other processes competed; each section gives its own figures and "
+        "ratios of minimums)",
         f"- command: `{command}` ({mode} run, {total_s:.0f} s)",
         f"- GPU rows ({GPU_ROWS}): " + ("measured, the rows whose device is cuda" if gpu else
                                       "not measured (no CUDA device on this machine; `scripts/gpu_check.sh` "
