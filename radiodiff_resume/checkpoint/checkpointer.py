@@ -163,14 +163,13 @@ class Checkpointer:
         if self.store.line is None:
             self.store.line = uuid.uuid4().hex
         probe_inputs = t.probe_inputs() if self.ranks.is_main else None
-        scale_factor = t.scale_factor_value()
         if not background:
             manifest, refusal = None, None
             if self.ranks.is_main:
                 refusal = self._refusal_to_save(step, shared)
                 if refusal is None:
                     value = float(t.probe_value(tp.cast(dict, probe_inputs)))
-                    manifest, refusal = self._manifest(step, value, scale_factor, provenance)
+                    manifest, refusal = self._manifest(step, value, provenance)
             refusal = self.ranks.broadcast(refusal)
             if refusal is not None:
                 raise HaltError(refusal)
@@ -204,7 +203,7 @@ class Checkpointer:
                         value = probe_of(shared_copy["model"], tp.cast(dict, probe_inputs))
                     else:
                         value = tp.cast(torch.Tensor, probe_copy)
-                    manifest, refusal = self._manifest(step, float(value), scale_factor, provenance)
+                    manifest, refusal = self._manifest(step, float(value), provenance)
             refusal = ranks.broadcast(refusal)
             if refusal is not None:
                 raise HaltError(refusal)
@@ -282,9 +281,11 @@ class Checkpointer:
             "trainer.mixed_precision=bf16 if this repeats."
         )
 
-    def _manifest(self, step: int, value: float, scale_factor: float | None,
+    def _manifest(self, step: int, value: float,
                   provenance: tp.Sequence[str]) -> tuple[Manifest | None, str | None]:
-        """The manifest of ``step`` whose state computes the probe ``value``, or why it is refused."""
+        """The manifest of ``step`` whose state computes the probe ``value``, or why it is refused.
+        In a background save this runs in the writer: reading ``scale_factor`` (fixed before the first
+        step, changed only by a load, which waits for the commit) would be a host sync on a GPU."""
         t = self.trainer
         if not math.isfinite(value):
             self.events.emit("save_refused", stage=t.stage, step=step, probe=repr(value))
@@ -294,7 +295,7 @@ class Checkpointer:
         probe = probe_from(value, t.probe_dtype(), fingerprint(t.accelerator.device))
         manifest = Manifest(
             step=step, stage=t.stage, world_size=self.ranks.world, line=tp.cast(str, self.store.line),
-            config_hash=t.config_hash, scale_factor=scale_factor, probe=probe,
+            config_hash=t.config_hash, scale_factor=t.scale_factor_value(), probe=probe,
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             versions=library_versions(), provenance=list(provenance),
         )
